@@ -1,0 +1,352 @@
+"""The shared-memory segment: create, attach, close, unlink; its header and region map.
+
+A segment is a file in ``/dev/shm`` (POSIX shared memory, as ``multiprocessing.shared_memory``
+makes them) mapped with ``mmap``. We open it with ``os.open`` rather than ``SharedMemory``:
+in Python 3.11 ``SharedMemory`` registers every attach with the resource tracker, which
+unlinks the segment when the attaching process exits.
+
+Region map (offsets from the segment start; each region 8-byte aligned; native x86-64 order)::
+
+    region      offset        bytes                        layout documented in
+    header      0             HEADER_BYTES (4 KiB)         this module (below)
+    journal     log_off       LOG_ENTRIES * 24             journal.py
+    groups      groups_off    max_groups * 256             lru_index.py
+    classes     classes_off   MAX_CLASSES * 32             slabs.py
+    stripes     stripes_off   nstripes * 4                 lru_index.py (seqlock counters)
+    inflight    inflight_off  INFLIGHT_SLOTS * 512         singleflight.py
+    counters    counters_off  COUNTER_SLOTS * slot bytes   metrics.py
+    page table  pagemeta_off  npages * 32                  slabs.py
+    ref bits    refbits_off   page bytes / 256             lru_index.py (CLOCK reference bits)
+    buckets     buckets_off   nbuckets * 4                 lru_index.py
+    pages       pages_off     npages * page_size           slabs.py (chunks), lru_index.py (items)
+
+Header::
+
+    offset  type  field
+    0       u64   magic (MAGIC); written last at creation, so a half-made segment is refused
+    8       u32   layout version (LAYOUT_VERSION)
+    12      u32   header bytes
+    16      u64   total size
+    24      u32   page size          28  u32  pages
+    32      u32   buckets            36  u32  stripes
+    40      u32   max item size      44  u32  max groups
+    48      u32   creator pid        52  u32  (reserved)
+    56      u64   epoch (random at creation, new at each warm restart)
+    64      f64   creation time (Unix seconds)
+    72      u64   hash seed (random at creation)
+    512...        mutable words, one 8-byte slot each (the _OFFSET_* constants below)
+
+Mutable words that the journal protects are marked (J): change them only through it.
+"""
+
+import mmap
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+
+from .errors import (SegmentCreateError, SegmentIncompatible, SegmentInUse,
+                     SegmentNotFound)
+from .units import format_size, parse_size
+
+MAGIC = 0x3130454843414B4B          # b"KKACHE01" read as little-endian u64
+LAYOUT_VERSION = 1
+HEADER_BYTES = 4096
+DEFAULT_SHM_DIR = "/dev/shm"
+
+MAX_KEY_BYTES = 250                  # as memcached
+ITEM_HEADER_BYTES = 24               # item header size; lru_index.py documents it
+DEFAULT_MAX_ITEM_SIZE = 1 << 20      # 1 MiB of value
+MAX_SEGMENT_BYTES = 32 << 30         # item refs are u32 counts of 8-byte units
+DEFAULT_MAX_GROUPS = 64              # group ids are u8 in item headers
+LOG_ENTRIES = 4096                   # journal capacity per committed step
+LOG_ENTRY_BYTES = 24
+GROUP_RECORD_BYTES = 256
+MAX_CLASSES = 64
+CLASS_RECORD_BYTES = 32
+PAGE_RECORD_BYTES = 32
+NSTRIPES = 4096                      # seqlock stripes (fewer when there are fewer buckets)
+PAGE_BYTES_PER_BUCKET = 128          # one hash bucket per 128 bytes of pages
+REFBIT_GRANULE = 32                  # one CLOCK bit per 32 bytes of pages (= smallest chunk)
+INFLIGHT_SLOTS = 256                 # concurrent cold loads tracked host-wide
+INFLIGHT_SLOT_BYTES = 512
+COUNTER_SLOTS = 128                  # processes that keep per-process counters
+COUNTER_SLOT_BYTES = 64 + DEFAULT_MAX_GROUPS * 16 * 8
+
+_HEADER = struct.Struct("QIIQIIIIIIIIQdQ")
+_U32 = struct.Struct("I")
+_U64 = struct.Struct("Q")
+
+# Mutable header words. (J) = journaled.
+_OFFSET_WRITER_PID = 512     # u32: pid holding the write lock, 0 when released cleanly
+_OFFSET_TX_ACTIVE = 520      # u64: id of the journal step in progress, 0 = none
+_OFFSET_TX_SEQ = 528         # u64: last journal step id handed out
+_OFFSET_CLEAN = 536          # u32: 1 = the owner stopped cleanly (warm restart allowed)
+_OFFSET_OWNER_PID = 544      # u32: pid of the supervisor that owns the segment
+_OFFSET_REPAIRS = 552        # u64: journal repairs after a writer died
+_OFFSET_CLASS_COUNT = 560    # u32 (J): slab classes defined
+_OFFSET_CLASS_VERSION = 564  # u32 (J): bumped when a class is added
+_OFFSET_FREE_PAGE = 568      # u32 (J): head of the free page list (page + 1), 0 = none
+_OFFSET_FREE_PAGES = 572     # u32 (J): pages on that list
+_OFFSET_VICTIM_CURSOR = 576  # u32 (J): next page to consider when a page must be reassigned
+_OFFSET_GROUP_LIMIT = 580    # u32 (J): 1 + highest group id defined
+_OFFSET_PAGE_MOVES = 584     # u64: pages reassigned between slab classes
+_OFFSET_OWNER_START = 592    # f64: when the owner started (for stats)
+_OFFSET_LOCK_BYTE = 0        # lock byte ranges are lock names, not data (locks.py)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+
+
+def _round_up(n, to):
+    return -(-n // to) * to
+
+
+def shm_dir():
+    """Where segments live: /dev/shm, or $SHMCACHE_SHM_DIR (another tmpfs, for tests)."""
+    return os.environ.get("SHMCACHE_SHM_DIR", DEFAULT_SHM_DIR)
+
+
+def segment_path(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"bad segment name {name!r}: use letters, digits, '.', '_' and '-'")
+    return os.path.join(shm_dir(), name)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes and region offsets of one segment; derived from the sizes alone."""
+    total_size: int
+    page_size: int
+    npages: int
+    nbuckets: int
+    nstripes: int
+    max_item_size: int
+    max_groups: int
+    log_off: int
+    groups_off: int
+    classes_off: int
+    stripes_off: int
+    inflight_off: int
+    counters_off: int
+    pagemeta_off: int
+    refbits_off: int
+    buckets_off: int
+    pages_off: int
+
+    @classmethod
+    def plan(cls, total_size, max_item_size=DEFAULT_MAX_ITEM_SIZE, max_groups=DEFAULT_MAX_GROUPS,
+             npages=None):
+        """Fit the largest number of pages into ``total_size``; ValueError if fewer than 2 fit."""
+        if not 1 <= max_groups <= 255:
+            raise ValueError("max_groups must be 1..255 (group ids are one byte)")
+        if not 1 <= max_item_size <= 64 << 20:
+            raise ValueError("max item size must be between 1 byte and 64 MiB")
+        if total_size > MAX_SEGMENT_BYTES:
+            raise ValueError(f"memory must be at most {format_size(MAX_SEGMENT_BYTES)}")
+        page_size = _round_up(max_item_size + ITEM_HEADER_BYTES + MAX_KEY_BYTES, 4096)
+        page_size = max(page_size, 64 << 10)
+        offset = HEADER_BYTES
+        log_off, offset = offset, offset + LOG_ENTRIES * LOG_ENTRY_BYTES
+        groups_off, offset = offset, offset + max_groups * GROUP_RECORD_BYTES
+        classes_off, offset = offset, offset + MAX_CLASSES * CLASS_RECORD_BYTES
+        stripes_off, offset = offset, offset + NSTRIPES * 4
+        inflight_off, offset = offset, offset + INFLIGHT_SLOTS * INFLIGHT_SLOT_BYTES
+        counters_off, offset = offset, offset + COUNTER_SLOTS * COUNTER_SLOT_BYTES
+        fixed = offset
+        if npages is None:
+            per_page = (page_size + PAGE_RECORD_BYTES + page_size // (8 * REFBIT_GRANULE)
+                        + 4 * page_size // PAGE_BYTES_PER_BUCKET)
+            npages = max(0, (total_size - fixed - 3 * 4096) // per_page)
+        while npages >= 2:
+            pagemeta_off = fixed
+            refbits_off = _round_up(pagemeta_off + npages * PAGE_RECORD_BYTES, 8)
+            nbuckets = npages * page_size // PAGE_BYTES_PER_BUCKET
+            buckets_off = _round_up(refbits_off + npages * page_size // (8 * REFBIT_GRANULE), 8)
+            pages_off = _round_up(buckets_off + 4 * nbuckets, 4096)
+            if pages_off + npages * page_size <= total_size:
+                return cls(total_size, page_size, npages, nbuckets, min(NSTRIPES, nbuckets),
+                           max_item_size, max_groups, log_off, groups_off, classes_off,
+                           stripes_off, inflight_off, counters_off, pagemeta_off, refbits_off,
+                           buckets_off, pages_off)
+            npages -= 1
+        raise ValueError(
+            f"memory {format_size(total_size)} is too small for a max item size of "
+            f"{format_size(max_item_size)}: it must hold at least 2 pages of {format_size(page_size)}"
+            f" plus {format_size(fixed)} of tables")
+
+
+class Arena:
+    """One mapped segment. ``close()`` detaches (idempotent); ``unlink()`` removes the name."""
+    buf = None           # the mmap; None once closed
+    fd = -1
+    layout = None
+    name = path = None
+
+    def __init__(self, name, path, fd, buf, layout):
+        self.name, self.path, self.fd, self.buf, self.layout = name, path, fd, buf, layout
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name, memory, max_item_size=DEFAULT_MAX_ITEM_SIZE,
+               max_groups=DEFAULT_MAX_GROUPS):
+        """Create, size and map a new segment (mode 0600), header filled but not yet published.
+
+        The caller formats the regions it owns, then calls ``publish()``; until then
+        ``attach`` refuses the segment. Raises SegmentInUse if the name exists and
+        SegmentCreateError if /dev/shm cannot hold it.
+        """
+        path = segment_path(name)
+        layout = Layout.plan(parse_size(memory), parse_size(max_item_size), max_groups)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise SegmentInUse(f"shared-memory segment {name!r} already exists") from None
+        except OSError as exc:
+            raise SegmentCreateError(f"cannot create {path}: {exc.strerror}") from None
+        arena = None
+        try:
+            os.fchmod(fd, 0o600)              # whatever the umask: only this user may attach
+            try:
+                # tmpfs reserves nothing on ftruncate; without this a full /dev/shm shows up
+                # later as SIGBUS on first touch of a page.
+                os.posix_fallocate(fd, 0, layout.total_size)
+            except OSError as exc:
+                free = _free_bytes(path)
+                raise SegmentCreateError(
+                    f"cannot reserve {format_size(layout.total_size)} for segment {name!r} in "
+                    f"{os.path.dirname(path)} ({exc.strerror}; {format_size(free)} free). "
+                    f"Ask for less --memory or free shared memory.") from None
+            buf = mmap.mmap(fd, layout.total_size)
+            arena = cls(name, path, fd, buf, layout)
+            arena._write_header(os.urandom(8), os.urandom(8))
+            return arena
+        except BaseException:
+            if arena is not None:
+                arena.close()
+            else:
+                os.close(fd)
+            os.unlink(path)
+            raise
+
+    @classmethod
+    def attach(cls, name):
+        """Map an existing published segment; SegmentNotFound / SegmentIncompatible otherwise."""
+        path = segment_path(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SegmentNotFound(f"no shared-memory segment {name!r} ({path}); "
+                                  f"is the supervisor running?") from None
+        except PermissionError:
+            raise SegmentIncompatible(f"segment {name!r} belongs to another user") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_BYTES:
+                raise SegmentIncompatible(f"segment {name!r} is too small to be a shmcache arena")
+            buf = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        arena = cls(name, path, fd, buf, None)
+        try:
+            arena.layout = arena._read_header(size)
+        except BaseException:
+            arena.close()
+            raise
+        return arena
+
+    def publish(self):
+        """Make the segment attachable: the magic number goes in last."""
+        _U64.pack_into(self.buf, 0, MAGIC)
+
+    def close(self):
+        """Detach this process's mapping. Idempotent. The segment stays."""
+        buf, self.buf = self.buf, None
+        if buf is not None:
+            buf.close()
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def unlink(self):
+        """Remove the segment's name; mappings stay valid until closed. Missing is fine."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- header -----------------------------------------------------------------------------
+
+    def _write_header(self, epoch, seed):
+        lay = self.layout
+        _HEADER.pack_into(self.buf, 0, 0, LAYOUT_VERSION, HEADER_BYTES, lay.total_size,
+                          lay.page_size, lay.npages, lay.nbuckets, lay.nstripes,
+                          lay.max_item_size, lay.max_groups, os.getpid(), 0,
+                          int.from_bytes(epoch, "little"), time.time(),
+                          int.from_bytes(seed, "little"))
+
+    def _read_header(self, size):
+        (magic, version, header_bytes, total, page_size, npages, nbuckets, nstripes,
+         max_item, max_groups, _pid, _r, _epoch, _created, _seed) = _HEADER.unpack_from(self.buf, 0)
+        if magic == 0:
+            raise SegmentIncompatible(f"segment {self.name!r} is not initialised "
+                                      f"(still being created, or its creator died)")
+        if magic != MAGIC:
+            raise SegmentIncompatible(f"segment {self.name!r} is not a shmcache arena "
+                                      f"(magic {magic:#x})")
+        if version != LAYOUT_VERSION:
+            raise SegmentIncompatible(f"segment {self.name!r} has layout version {version}; "
+                                      f"this shmcache reads version {LAYOUT_VERSION}")
+        try:
+            layout = Layout.plan(total, max_item, max_groups, npages=npages)
+        except ValueError:
+            layout = None
+        if (layout is None or header_bytes != HEADER_BYTES or total != size
+                or layout.page_size != page_size or layout.nbuckets != nbuckets
+                or layout.nstripes != nstripes):
+            raise SegmentIncompatible(f"segment {self.name!r} has an inconsistent header")
+        return layout
+
+    @property
+    def epoch(self):
+        return _HEADER.unpack_from(self.buf, 0)[12]
+
+    @property
+    def hash_seed(self):
+        return _HEADER.unpack_from(self.buf, 0)[14]
+
+    @property
+    def created(self):
+        return _HEADER.unpack_from(self.buf, 0)[13]
+
+    def new_epoch(self):
+        """A new owner takes the segment over (warm restart): readers can tell."""
+        struct.pack_into("Q", self.buf, 56, int.from_bytes(os.urandom(8), "little"))
+
+    def get_u32(self, offset):
+        return _U32.unpack_from(self.buf, offset)[0]
+
+    def set_u32(self, offset, value):
+        _U32.pack_into(self.buf, offset, value)
+
+    def get_u64(self, offset):
+        return _U64.unpack_from(self.buf, offset)[0]
+
+    def set_u64(self, offset, value):
+        _U64.pack_into(self.buf, offset, value)
+
+
+def _free_bytes(path):
+    try:
+        st = os.statvfs(os.path.dirname(path))
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 0

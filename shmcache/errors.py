@@ -1,0 +1,51 @@
+"""The narrow exceptions shmcache raises; all derive from ``ShmcacheError``."""
+
+
+class ShmcacheError(Exception):
+    """Base class of every error shmcache raises on purpose."""
+
+
+class NotFound(ShmcacheError, KeyError):
+    """The key does not exist: the getter raised KeyError, or an owner answered 404."""
+
+    def __str__(self):  # KeyError quotes its argument; a message reads better plain
+        return str(self.args[0]) if self.args else "not found"
+
+
+class UnknownGroup(ShmcacheError, KeyError):
+    """No group of that name is defined in the segment."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else "unknown group"
+
+
+class LoadError(ShmcacheError):
+    """The group's getter failed (raised something other than KeyError, or returned a bad type)."""
+
+
+class PeerUnavailable(ShmcacheError):
+    """A peer (or the local front) could not be reached or did not answer in time."""
+
+
+class ValueTooLarge(ShmcacheError, ValueError):
+    """The value exceeds the max item size or the group's whole byte budget; nothing was stored."""
+
+
+class InvalidKey(ShmcacheError, ValueError):
+    """The key is empty, too long, or not str/bytes."""
+
+
+class SegmentIncompatible(ShmcacheError):
+    """The shared-memory segment has an unknown magic number or layout version, or is malformed."""
+
+
+class SegmentNotFound(ShmcacheError, FileNotFoundError):
+    """No shared-memory segment of that name exists."""
+
+
+class SegmentInUse(ShmcacheError, FileExistsError):
+    """A segment of that name already exists and is owned by a live supervisor."""
+
+
+class SegmentCreateError(ShmcacheError, OSError):
+    """The segment could not be created (for example /dev/shm has too little free space)."""

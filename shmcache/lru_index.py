@@ -1,0 +1,564 @@
+"""Hash index, per-group CLOCK rings, byte budgets and TTL, all inside the arena.
+
+Readers take no lock. Writers hold the write lock (store.py) and change structures only
+through the journal (journal.py); this module takes no lock itself.
+
+**Seqlock.** Buckets are grouped into stripes (bucket % nstripes), each with a u32 counter.
+A writer makes the counter of every stripe whose chains it will change odd before the first
+change, and even again when its whole write section ends. A reader reads the counter (even),
+walks the chain and copies the value out, then reads the counter again: equal means no
+writer touched that stripe meanwhile, so what it copied is what a single moment held.
+Every offset a reader follows is bounds-checked and every walk bounded, so a torn read can
+neither crash nor hang; it only fails validation. This relies on x86-64 keeping stores in
+order (and on struct's native formats doing aligned 4- and 8-byte copies).
+
+Why a chunk freed and reused under a reader is still caught: the reader found the item
+through its stripe's chain after reading the counter; the item cannot be freed before it is
+unlinked, and unlinking happens with that stripe odd, so the counter has moved by the time
+the reader checks it.
+
+**CLOCK, not exact LRU.** A hit must not write shared lists, so it sets a reference bit
+(one bit per 32 bytes of pages, outside the chunks, so a late write after the chunk changed
+hands sets a stray bit and corrupts nothing). Each group's items form a circular list with a
+hand at the oldest; new items go just behind the hand. To evict, the hand looks at its item:
+read since the hand last passed it -> clear the bit and move on; else evict it. The test
+suite checks that the hit ratio stays within one point of exact LRU on a Zipf trace.
+
+Item, in a slab chunk (ITEM_HEADER_BYTES = 24)::
+
+    0   u32  hash chain: next item ref            \\
+    4   u8   state (slabs.STATE_LIVE or _WRITING)  |  word 0: one journaled u64 when a
+    5   u8   key length                            |  chunk changes hands
+    6   u8   group id                              |
+    7   u8   expiry, fraction of a second in 1/256 /
+    8   u32  expiry, Unix seconds (0 = never)
+    12  u32  value length
+    16  u32  ring: previous item ref (older side)
+    20  u32  ring: next item ref (newer side)
+    24  key bytes, then value bytes
+
+A *ref* is a chunk offset // 8 (0 = none): u32 refs reach 32 GiB.
+
+Group record (GROUP_RECORD_BYTES, at ``groups_off + 256 * group id``)::
+
+    0    64s  name (UTF-8, NUL-padded)
+    64   u64  budget: cache bytes (key + value bytes, as groupcache counts)
+    72   f64  default TTL in seconds (0 = none)
+    80   u64  bytes held (J)
+    88   u64  items held (J)
+    96   u32  CLOCK hand: ref of the oldest item (J); 0 = empty
+    100  u32  defined (1) (J)
+    104  u64  evictions         112  u64  expirations
+    120  u64  sets              128  u64  deletes      (statistics: not journaled)
+
+Buckets: u32 item refs, heads of the hash chains. Stripes: u32 seqlock counters.
+"""
+
+import os
+import struct
+
+import xxhash
+
+from .arena import (_OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES,
+                    REFBIT_GRANULE)
+from .errors import ValueTooLarge
+from .slabs import STATE_LIVE, STATE_WRITING
+
+_HEAD = struct.Struct("IBBBBII")     # chain, state, key len, group, expiry frac, expiry s, value len
+_TAIL = struct.Struct("IIII")        # expiry s, value len, ring prev, ring next (offset 8)
+_RING = struct.Struct("II")          # ring prev, ring next (offset 16)
+_GROUP = struct.Struct("64sQdQQII")  # name .. defined
+_GROUP_TAIL = struct.Struct("QdQQII")  # budget .. defined (offset 64)
+_GROUP_STATS = struct.Struct("QQQQ")  # evictions, expirations, sets, deletes (offset 104)
+_COUNTS = struct.Struct("QQ")        # bytes, items (offset 80)
+_U32 = struct.Struct("I")
+_U64 = struct.Struct("Q")
+assert _HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104
+
+_G_BUDGET, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 80, 88, 96, 100
+_G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
+_I_EXPIRY, _I_PREV, _I_NEXT = 8, 16, 20
+
+READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
+MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
+MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
+ROOM_EVICTIONS = 64         # evictions per group when a full class needs a chunk
+RETRY = object()            # lookup(): could not get a consistent read without the lock
+_FRACTION = 1.0 / 256
+
+
+def expiry_fields(expire_at):
+    """(seconds, 1/256 fraction) for an absolute Unix time, rounded down; (0, 0) for none."""
+    if not expire_at:
+        return 0, 0
+    seconds = int(expire_at)
+    if seconds >= 0xFFFFFFFF:
+        return 0xFFFFFFFF, 0
+    return max(seconds, 1), int((expire_at - seconds) * 256)
+
+
+class Index:
+    """The index over one arena. Readers: ``lookup``. Writers (lock held, journal step open):
+    ``store``, ``remove``, ``clear``, ``define_group``, then ``end_write`` once."""
+
+    def __init__(self, arena, journal, slabs):
+        lay = arena.layout
+        self.buf = arena.buf
+        self.journal = journal
+        self.slabs = slabs
+        self.nbuckets = lay.nbuckets
+        self.nstripes = lay.nstripes
+        self.buckets_off = lay.buckets_off
+        self.stripes_off = lay.stripes_off
+        self.refbits_off = lay.refbits_off
+        self.pages_off = lay.pages_off
+        self.pages_end = lay.pages_off + lay.npages * lay.page_size
+        self.groups_off = lay.groups_off
+        self.max_groups = lay.max_groups
+        self.max_item_size = lay.max_item_size
+        seed = arena.hash_seed
+        self.seeds = [(seed + gid * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+                      for gid in range(lay.max_groups)]
+        self._marked = []                    # stripe counters this write section made odd
+
+    # -- readers (no lock) ------------------------------------------------------------------
+
+    def lookup(self, gid, key, now):
+        """The value of ``key`` in group ``gid``; None if absent or expired; RETRY if no
+        consistent lock-free read was possible (a writer is busy, or died, on that stripe)."""
+        buf = self.buf
+        bucket = xxhash.xxh3_64_intdigest(key, self.seeds[gid]) % self.nbuckets
+        seq_off = self.stripes_off + (bucket % self.nstripes) * 4
+        bucket_off = self.buckets_off + bucket * 4
+        klen = len(key)
+        low, high = self.pages_off, self.pages_end - ITEM_HEADER_BYTES
+        unpack_u32, unpack_head = _U32.unpack_from, _HEAD.unpack_from
+        for _attempt in range(READ_ATTEMPTS):
+            seq = unpack_u32(buf, seq_off)[0]
+            if seq & 1:
+                os.sched_yield()
+                continue
+            ref = unpack_u32(buf, bucket_off)[0]
+            found = hops = 0
+            while ref and hops < MAX_CHAIN:
+                offset = ref << 3
+                if not low <= offset <= high:
+                    break                               # torn: the seq check will say so
+                ref, state, item_klen, item_gid, frac, seconds, vlen = unpack_head(buf, offset)
+                if item_klen == klen and item_gid == gid and state == STATE_LIVE:
+                    start = offset + ITEM_HEADER_BYTES
+                    if buf[start:start + klen] == key:
+                        start += klen
+                        if vlen <= self.max_item_size and start + vlen <= self.pages_end:
+                            value = buf[start:start + vlen]
+                            found = offset
+                        break
+                hops += 1
+            if unpack_u32(buf, seq_off)[0] != seq:
+                continue
+            if not found:
+                if ref and hops >= MAX_CHAIN:
+                    return RETRY                        # a long chain: walk it under the lock
+                return None
+            if seconds and seconds + frac * _FRACTION <= now:
+                return None
+            bit = (found - low) // REFBIT_GRANULE
+            byte_off = self.refbits_off + (bit >> 3)
+            mask = 1 << (bit & 7)
+            if not buf[byte_off] & mask:                # write only when it changes: hot
+                buf[byte_off] |= mask                   # items stay read-only cache lines
+            return value
+        return RETRY
+
+    def lookup_locked(self, gid, key, now):
+        """``lookup`` for the write-lock holder: no seqlock, no walk limit."""
+        _link, offset = self._find(self.buckets_off + self._bucket(gid, key) * 4, gid, key)
+        if not offset or self._expired(offset, now) or self.buf[offset + 4] != STATE_LIVE:
+            return None
+        _ref, _s, klen, _g, _f, _sec, vlen = _HEAD.unpack_from(self.buf, offset)
+        self._set_ref(offset)
+        start = offset + ITEM_HEADER_BYTES + klen
+        return self.buf[start:start + vlen]
+
+    # -- write sections ---------------------------------------------------------------------
+
+    def _bucket(self, gid, key):
+        return xxhash.xxh3_64_intdigest(key, self.seeds[gid]) % self.nbuckets
+
+    def _mark(self, bucket):
+        """Make the bucket's stripe odd for the rest of this write section."""
+        seq_off = self.stripes_off + (bucket % self.nstripes) * 4
+        if seq_off not in self._marked:
+            seq = _U32.unpack_from(self.buf, seq_off)[0]
+            _U32.pack_into(self.buf, seq_off, seq | 1)     # even after any repair: now odd
+            self._marked.append(seq_off)
+        return self.buckets_off + bucket * 4
+
+    def end_write(self):
+        """Make every stripe this section marked even again. Call after the last commit."""
+        buf = self.buf
+        for seq_off in self._marked:
+            _U32.pack_into(buf, seq_off, (_U32.unpack_from(buf, seq_off)[0] + 1) & 0xFFFFFFFE)
+        self._marked.clear()
+
+    def repair_stripes(self):
+        """After a writer died: make every odd stripe even (its step was already undone)."""
+        self._marked.clear()
+        buf = self.buf
+        counters = struct.unpack_from(f"{self.nstripes}I", buf, self.stripes_off)
+        fixed = 0
+        for index, seq in enumerate(counters):
+            if seq & 1:
+                _U32.pack_into(buf, self.stripes_off + index * 4, (seq + 1) & 0xFFFFFFFF)
+                fixed += 1
+        return fixed
+
+    # -- writers ----------------------------------------------------------------------------
+
+    def store(self, gid, key, value, expire_at, now):
+        """Insert or replace ``key``; evicts by budget and by memory. ValueTooLarge if it can
+        never fit (the old value, if any, is left in place)."""
+        buf, journal = self.buf, self.journal
+        group = self.groups_off + gid * GROUP_RECORD_BYTES
+        klen, vlen = len(key), len(value)
+        size = klen + vlen
+        if vlen > self.max_item_size:
+            raise ValueTooLarge(f"value of {vlen} bytes exceeds the max item size "
+                                f"of {self.max_item_size} bytes")
+        budget = _U64.unpack_from(buf, group + _G_BUDGET)[0]
+        if size > budget:
+            raise ValueTooLarge(f"key + value of {size} bytes exceed the whole budget of "
+                                f"group {self.group_name(gid)!r}")
+        class_id = self.slabs.class_for(ITEM_HEADER_BYTES + size)
+        bucket_off = self._mark(xxhash.xxh3_64_intdigest(key, self.seeds[gid]) % self.nbuckets)
+        link, old = self._find(bucket_off, gid, key)
+        if old:
+            if _U32.unpack_from(buf, old + 12)[0] == vlen:
+                self._rewrite(old, value, expire_at)
+                return
+            self._unlink(old, link)
+            # Commit the removal before the chunk can be handed out again: the new item's
+            # key and value are written unjournaled, which is only sound in a chunk that was
+            # already free when the step began (every eviction commits the same way).
+            journal.checkpoint()
+        if _U64.unpack_from(buf, group + _G_BYTES)[0] + size > budget:
+            self._evict_for_budget(gid, size, now)
+        offset = self.slabs.alloc(class_id) or self._make_room(class_id, gid, now)
+        seconds, frac = expiry_fields(expire_at)
+        ref = offset >> 3
+        # The chunk is not reachable yet: only word 0 (free-list link and state) is journaled.
+        journal.w64(offset, _U32.unpack_from(buf, bucket_off)[0]
+                    | (STATE_LIVE | klen << 8 | gid << 16 | frac << 24) << 32)
+        start = offset + ITEM_HEADER_BYTES
+        buf[start:start + klen] = key
+        buf[start + klen:start + size] = value
+        bit = (offset - self.pages_off) // REFBIT_GRANULE
+        byte_off = self.refbits_off + (bit >> 3)
+        buf[byte_off] &= ~(1 << (bit & 7)) & 0xFF
+        hand = _U32.unpack_from(buf, group + _G_HAND)[0]       # into the ring, behind the hand
+        if hand:
+            newest = _U32.unpack_from(buf, (hand << 3) + _I_PREV)[0]
+            _TAIL.pack_into(buf, offset + 8, seconds, vlen, newest, hand)
+            journal.w32((newest << 3) + _I_NEXT, ref)
+            journal.w32((hand << 3) + _I_PREV, ref)
+        else:
+            _TAIL.pack_into(buf, offset + 8, seconds, vlen, ref, ref)
+            journal.w32(group + _G_HAND, ref)
+        journal.w32(bucket_off, ref)                                # published
+        nbytes, items = _COUNTS.unpack_from(buf, group + _G_BYTES)
+        journal.w64x2(group + _G_BYTES, nbytes + size, items + 1)
+        self._bump(group + _G_SETS)
+
+    def _rewrite(self, offset, value, expire_at):
+        """Overwrite a same-length value in place (an update counts as a reference).
+
+        Value bytes are not journaled, so the item is first marked STATE_WRITING in a step of
+        its own. A writer killed while copying leaves a WRITING item: readers treat it as
+        absent, and writers overwrite or evict it like any other (its lengths never changed,
+        so the byte counts stay right). Readers meanwhile see the stripe odd and retry."""
+        buf, journal = self.buf, self.journal
+        word = _U64.unpack_from(buf, offset)[0] & ~(0xFF << 32 | 0xFF << 56)
+        journal.w64(offset, word | STATE_WRITING << 32)
+        journal.checkpoint()
+        seconds, frac = expiry_fields(expire_at)
+        klen = buf[offset + 5]
+        start = offset + ITEM_HEADER_BYTES + klen
+        buf[start:start + len(value)] = value
+        _U32.pack_into(buf, offset + _I_EXPIRY, seconds)
+        journal.w64(offset, word | (STATE_LIVE | frac << 24) << 32)
+        self._set_ref(offset)
+        self._bump(self.groups_off + buf[offset + 6] * GROUP_RECORD_BYTES + _G_SETS)
+
+    def remove(self, gid, key, now):
+        """Delete ``key``; True if it was there (expired entries count as absent)."""
+        bucket = self._bucket(gid, key)
+        link, offset = self._find(self.buckets_off + bucket * 4, gid, key)
+        if not offset:
+            return False
+        expired = self._expired(offset, now)
+        self._mark(bucket)
+        self._unlink(offset, link)
+        group = self.groups_off + gid * GROUP_RECORD_BYTES
+        self._bump(group + (_G_EXPIRATIONS if expired else _G_DELETES))
+        return not expired
+
+    def clear(self, gid):
+        """Remove every item of the group (checkpointing the journal per item)."""
+        group = self.groups_off + gid * GROUP_RECORD_BYTES
+        while True:
+            hand = _U32.unpack_from(self.buf, group + _G_HAND)[0]
+            if not hand:
+                return
+            self._drop(hand << 3)
+            self.journal.checkpoint()
+
+    # -- groups -----------------------------------------------------------------------------
+
+    def define_group(self, name, cache_bytes, ttl, now):
+        """Create the group, or update its budget and TTL (shrinking evicts). Returns its id."""
+        buf, journal = self.buf, self.journal
+        encoded = name.encode()
+        gid = self.find_group(name)
+        if gid is None:
+            for gid in range(self.max_groups):
+                if not _U32.unpack_from(buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_DEFINED)[0]:
+                    break
+            else:
+                raise ValueError(f"the segment holds at most {self.max_groups} groups")
+            group = self.groups_off + gid * GROUP_RECORD_BYTES
+            buf[group:group + GROUP_RECORD_BYTES] = bytes(GROUP_RECORD_BYTES)
+            buf[group:group + len(encoded)] = encoded
+        group = self.groups_off + gid * GROUP_RECORD_BYTES
+        journal.w64(group + _G_BUDGET, cache_bytes)
+        journal.w64(group + 72, _U64.unpack_from(struct.pack("d", ttl or 0.0))[0])
+        journal.w32(group + _G_DEFINED, 1)
+        if gid >= _U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]:
+            journal.w32(_OFFSET_GROUP_LIMIT, gid + 1)
+        self._evict_for_budget(gid, 0, now)
+        return gid
+
+    def find_group(self, name):
+        """Group id of ``name``, or None."""
+        buf = self.buf
+        encoded = name.encode()
+        for gid in range(_U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]):
+            record = _GROUP.unpack_from(buf, self.groups_off + gid * GROUP_RECORD_BYTES)
+            if record[6] and record[0].rstrip(b"\0") == encoded:
+                return gid
+        return None
+
+    def group_name(self, gid):
+        return _GROUP.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES)[0] \
+            .rstrip(b"\0").decode()
+
+    def group_ttl(self, gid):
+        return _GROUP.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES)[2] or None
+
+    def groups(self):
+        """{name: stats dict} of every defined group."""
+        result = {}
+        for gid in range(_U32.unpack_from(self.buf, _OFFSET_GROUP_LIMIT)[0]):
+            record = self.groups_off + gid * GROUP_RECORD_BYTES
+            name, budget, ttl, nbytes, items, _hand, defined = _GROUP.unpack_from(self.buf, record)
+            if not defined:
+                continue
+            evictions, expirations, sets, deletes = _GROUP_STATS.unpack_from(
+                self.buf, record + _G_EVICTIONS)
+            result[name.rstrip(b"\0").decode()] = {
+                "id": gid, "cache_bytes": budget, "ttl": ttl or None, "bytes": nbytes,
+                "items": items, "evictions": evictions, "expirations": expirations,
+                "sets": sets, "deletes": deletes}
+        return result
+
+    # -- consistency ------------------------------------------------------------------------
+
+    def audit(self):
+        """Check chains, rings, byte counts and budgets against the slab chunks (write lock
+        held, no step open). AssertionError on the first inconsistency; else a summary."""
+        buf = self.buf
+        chunks = self.slabs.audit()
+        chained = set()
+        for bucket in range(self.nbuckets):
+            ref = _U32.unpack_from(buf, self.buckets_off + bucket * 4)[0]
+            while ref:
+                offset = ref << 3
+                assert offset in chunks and offset not in chained, ("chain", bucket, offset)
+                chained.add(offset)
+                klen, gid = buf[offset + 5], buf[offset + 6]
+                key = buf[offset + ITEM_HEADER_BYTES:offset + ITEM_HEADER_BYTES + klen]
+                assert self._bucket(gid, key) == bucket, ("bucket", offset)
+                ref = _U32.unpack_from(buf, offset)[0]
+        assert chained == chunks, ("unchained items", len(chunks - chained))
+        ringed = 0
+        for gid in range(_U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]):
+            group = self.groups_off + gid * GROUP_RECORD_BYTES
+            budget, _ttl, nbytes, items, hand, defined = _GROUP_TAIL.unpack_from(buf, group + 64)
+            count = total = 0
+            ref = hand
+            while ref and (count == 0 or ref != hand):
+                offset = ref << 3
+                assert offset in chunks and buf[offset + 6] == gid, ("ring", gid, offset)
+                prev, nxt = _RING.unpack_from(buf, offset + _I_PREV)
+                assert _U32.unpack_from(buf, (nxt << 3) + _I_PREV)[0] == ref, ("ring link", offset)
+                count += 1
+                total += buf[offset + 5] + _U32.unpack_from(buf, offset + 12)[0]
+                assert count <= len(chunks), ("ring loops", gid)
+                ref = nxt
+            assert (count, total) == (items, nbytes), ("counts", gid, count, items, total, nbytes)
+            assert nbytes <= budget or not defined, ("budget", gid, nbytes, budget)
+            ringed += count
+        assert ringed == len(chunks), ("items outside rings", len(chunks) - ringed)
+        odd = [i for i, seq in enumerate(struct.unpack_from(f"{self.nstripes}I", buf,
+                                                            self.stripes_off)) if seq & 1]
+        assert not odd or self._marked, ("odd stripes", odd[:5])
+        return {"items": len(chunks)}
+
+    # -- internals (write lock held) --------------------------------------------------------
+
+    def _find(self, link, gid, key):
+        """Walk the chain from bucket offset ``link``: (offset of the u32 that links to the
+        item, item offset), or (.., 0) if absent."""
+        buf = self.buf
+        ref = _U32.unpack_from(buf, link)[0]
+        klen = len(key)
+        while ref:
+            offset = ref << 3
+            nxt, _s, item_klen, item_gid, _f, _sec, _v = _HEAD.unpack_from(buf, offset)
+            start = offset + ITEM_HEADER_BYTES
+            if item_klen == klen and item_gid == gid and buf[start:start + klen] == key:
+                return link, offset
+            link, ref = offset, nxt
+        return link, 0
+
+    def _expired(self, offset, now):
+        seconds = _U32.unpack_from(self.buf, offset + _I_EXPIRY)[0]
+        return bool(seconds) and seconds + self.buf[offset + 7] * _FRACTION <= now
+
+    def _unlink(self, offset, link):
+        """Take a found item out of its chain and ring, uncount it, free its chunk."""
+        buf, journal = self.buf, self.journal
+        _nxt, _s, klen, gid, _f, _sec, vlen = _HEAD.unpack_from(buf, offset)
+        journal.w32(link, _nxt)
+        group = self.groups_off + gid * GROUP_RECORD_BYTES
+        self._ring_remove(group, offset)
+        nbytes, items = _COUNTS.unpack_from(buf, group + _G_BYTES)
+        journal.w64x2(group + _G_BYTES, nbytes - klen - vlen, items - 1)
+        self.slabs.free(offset)
+
+    def _drop(self, offset):
+        """Unlink an item reached from its ring rather than its chain."""
+        buf = self.buf
+        klen, gid = buf[offset + 5], buf[offset + 6]
+        key = buf[offset + ITEM_HEADER_BYTES:offset + ITEM_HEADER_BYTES + klen]
+        link, found = self._find(self._mark(self._bucket(gid, key)), gid, key)
+        if found != offset:
+            raise AssertionError(f"ring item at {offset} is missing from its hash chain")
+        self._unlink(offset, link)
+
+    def _evict(self, offset, now):
+        """Drop an item to make room; count it as an eviction or an expiration."""
+        group = self.groups_off + self.buf[offset + 6] * GROUP_RECORD_BYTES
+        self._bump(group + (_G_EXPIRATIONS if self._expired(offset, now) else _G_EVICTIONS))
+        self._drop(offset)
+        self.journal.checkpoint()
+
+    def _clock_victim(self, group, now):
+        """Offset of the item the group's hand stops at, or 0 if the group is empty. The hand
+        passes (and clears) referenced items, at most MAX_SECOND_CHANCES of them."""
+        buf, journal = self.buf, self.journal
+        offset = _U32.unpack_from(buf, group + _G_HAND)[0] << 3
+        for chance in range(1, MAX_SECOND_CHANCES + 1):
+            if not offset or not self._take_ref(offset) or self._expired(offset, now):
+                break
+            nxt = _U32.unpack_from(buf, offset + _I_NEXT)[0]
+            journal.w32(group + _G_HAND, nxt)
+            if not chance % 256:
+                journal.checkpoint()                    # each hand step stands on its own
+            offset = nxt << 3
+        return offset
+
+    def _evict_for_budget(self, gid, size, now):
+        """Run the group's CLOCK hand until ``size`` more bytes fit in its budget."""
+        buf = self.buf
+        group = self.groups_off + gid * GROUP_RECORD_BYTES
+        budget = _U64.unpack_from(buf, group + _G_BUDGET)[0]
+        while _U64.unpack_from(buf, group + _G_BYTES)[0] + size > budget:
+            offset = self._clock_victim(group, now)
+            if not offset:
+                raise AssertionError(f"group {gid} counts bytes but holds no items")
+            self._evict(offset, now)
+
+    def _make_room(self, class_id, gid, now):
+        """A chunk of ``class_id`` when the arena is full.
+
+        If the class holds pages, groups give up items in CLOCK order, the group furthest over
+        its budget share first, until a chunk of the class frees (at most ROOM_EVICTIONS per
+        group). Items of other sizes may go first: that is the order their groups' CLOCK says,
+        and a page they empty goes back to the free list for any class. Otherwise (a size
+        seen for the first time, or nothing freed) a whole page is emptied and handed over.
+        """
+        buf, slabs = self.buf, self.slabs
+        if slabs.has_pages(class_id):
+            for group in self._groups_by_share(gid):
+                for _eviction in range(ROOM_EVICTIONS):
+                    offset = self._clock_victim(group, now)
+                    if not offset:
+                        break
+                    self._evict(offset, now)
+                    chunk = slabs.alloc(class_id)
+                    if chunk:
+                        return chunk
+        for _attempt in range(slabs.npages):
+            page = slabs.victim_page(class_id)
+            if page is None:
+                break
+            for offset in slabs.live_chunks(page):
+                self._evict(offset, now)
+            chunk = slabs.alloc(class_id)
+            if chunk:
+                return chunk
+        raise AssertionError("no page could be emptied for a new item")
+
+    def _groups_by_share(self, gid):
+        """Group record offsets holding items, largest bytes/budget first, ``gid`` last of equals."""
+        buf = self.buf
+        ranked = []
+        for other in range(_U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]):
+            record = self.groups_off + other * GROUP_RECORD_BYTES
+            budget, _ttl, nbytes, items, _hand, defined = _GROUP_TAIL.unpack_from(buf, record + 64)
+            if defined and items:
+                ranked.append((-nbytes / budget if budget else 0.0, other == gid, record))
+        ranked.sort()
+        return [record for _share, _mine, record in ranked]
+
+    def _ring_remove(self, group, offset):
+        buf, journal = self.buf, self.journal
+        ref = offset >> 3
+        prev, nxt = _RING.unpack_from(buf, offset + _I_PREV)
+        if nxt == ref:                                  # the only item
+            journal.w32(group + _G_HAND, 0)
+            return
+        journal.w32((prev << 3) + _I_NEXT, nxt)
+        journal.w32((nxt << 3) + _I_PREV, prev)
+        if _U32.unpack_from(buf, group + _G_HAND)[0] == ref:
+            journal.w32(group + _G_HAND, nxt)
+
+    def _refbit(self, offset):
+        bit = (offset - self.pages_off) // REFBIT_GRANULE
+        return self.refbits_off + (bit >> 3), 1 << (bit & 7)
+
+    def _set_ref(self, offset):
+        byte_off, mask = self._refbit(offset)
+        self.buf[byte_off] |= mask
+
+    def _take_ref(self, offset):
+        """Was the item read since the hand last passed? Clears the bit."""
+        byte_off, mask = self._refbit(offset)
+        byte = self.buf[byte_off]
+        if byte & mask:
+            self.buf[byte_off] = byte & ~mask & 0xFF
+            return True
+        return False
+
+    def _bump(self, offset):
+        _U64.pack_into(self.buf, offset, _U64.unpack_from(self.buf, offset)[0] + 1)

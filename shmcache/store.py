@@ -1,0 +1,239 @@
+"""Safe access to one arena from any thread of any process: the write lock, journal steps,
+crash repair, and key/value checks. Reads go lock-free to ``Index.lookup``.
+
+**The write lock** is an OFD lock on byte WRITE_LOCK_BYTE of the segment file. While holding
+it a writer marks the header word WRITER_PID with its pid and clears it when done, so:
+
+    writer A: lock, WRITER_PID = A, journal step(s) ... [SIGKILL]   (kernel drops A's lock)
+    writer B: lock (granted), sees WRITER_PID = A != 0 -> A died holding the lock:
+              undo A's open step, make A's odd stripes even, then carry on.
+
+A finds the mark set only if a previous holder died; a live holder never lets another in.
+A Python exception inside a step takes the same repair path at once, in the same process.
+"""
+
+import logging
+import os
+import struct
+import time
+
+from .arena import (MAX_KEY_BYTES, _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID,
+                    Arena)
+from .errors import InvalidKey, UnknownGroup
+from .journal import Journal
+from .locks import LockFile
+from .lru_index import RETRY, Index
+from .slabs import Slabs
+from .units import parse_size
+
+log = logging.getLogger("shmcache")
+
+WRITE_LOCK_BYTE = 0
+_U32 = struct.Struct("I")
+_U64 = struct.Struct("Q")
+
+
+def encode_key(key):
+    """Key as bytes; InvalidKey unless 1..MAX_KEY_BYTES bytes of str (UTF-8) or bytes."""
+    if isinstance(key, str):
+        data = key.encode()
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        data = bytes(key)
+    else:
+        raise InvalidKey(f"key must be str or bytes, not {type(key).__name__}")
+    if not 0 < len(data) <= MAX_KEY_BYTES:
+        raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {len(data)}")
+    return data
+
+
+def encode_value(value):
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"value must be bytes or str, not {type(value).__name__}")
+
+
+def check_ttl(ttl):
+    """None, or a positive number of seconds; ValueError otherwise."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < 1e9:
+        raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+    return float(ttl)
+
+
+class Store:
+    """One process's handle on an arena. Thread-safe; re-opens its lock descriptor after fork."""
+    arena = None
+    _lock_file = None
+
+    def __init__(self, arena):
+        self.arena = arena
+        self.buf = arena.buf
+        self.journal = Journal(arena)
+        self.slabs = Slabs(arena, self.journal)
+        self.index = Index(arena, self.journal, self.slabs)
+        self._lock_file = LockFile(arena.path)
+        self._write_lock = self._lock_file.byte_lock(WRITE_LOCK_BYTE)
+        self._group_ids = {}           # name -> id; ids never change once defined
+        self._group_ttls = {}
+
+    @classmethod
+    def create(cls, name, memory, max_item_size=1 << 20, max_groups=64):
+        """Create and format a new segment; the caller owns it (close, then unlink)."""
+        arena = Arena.create(name, parse_size(memory), parse_size(max_item_size), max_groups)
+        try:
+            Slabs(arena, None).format()
+            arena.publish()
+            return cls(arena)
+        except BaseException:
+            arena.close()
+            arena.unlink()
+            raise
+
+    @classmethod
+    def attach(cls, name):
+        arena = Arena.attach(name)
+        try:
+            return cls(arena)
+        except BaseException:
+            arena.close()
+            raise
+
+    def close(self):
+        """Detach. Idempotent; the segment stays."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        if self.arena is not None:
+            self.arena.close()
+        self.buf = None
+
+    @property
+    def closed(self):
+        return self.buf is None
+
+    # -- groups -----------------------------------------------------------------------------
+
+    def group_id(self, name):
+        gid = self._group_ids.get(name)
+        if gid is None:
+            gid = self.index.find_group(name) if isinstance(name, str) else None
+            if gid is None:
+                raise UnknownGroup(f"no group {name!r} in segment {self.arena.name!r}")
+            self._group_ids[name] = gid
+            self._group_ttls[name] = self.index.group_ttl(gid)
+        return gid
+
+    def define_group(self, name, cache_bytes, ttl=None):
+        """Create the group or change its budget/TTL (a smaller budget evicts at once)."""
+        if not isinstance(name, str) or not name or len(name.encode()) > 64:
+            raise ValueError(f"group name must be 1 to 64 bytes of text, not {name!r}")
+        cache_bytes = parse_size(cache_bytes)
+        ttl = check_ttl(ttl)
+        gid = self._write(self.index.define_group, name, cache_bytes, ttl, time.time())
+        self._group_ids[name] = gid
+        self._group_ttls[name] = ttl
+        return gid
+
+    # -- data -------------------------------------------------------------------------------
+
+    def get(self, group, key):
+        """The cached value or None. Lock-free unless a writer is busy on the key's stripe."""
+        gid = self._group_ids.get(group)
+        if gid is None:
+            gid = self.group_id(group)
+        data = key.encode() if key.__class__ is str else encode_key(key)
+        if len(data) > MAX_KEY_BYTES or not data:
+            raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {len(data)}")
+        value = self.index.lookup(gid, data, time.time())
+        if value is RETRY:
+            value = self._write(self.index.lookup_locked, gid, data, time.time())
+        return value
+
+    def set(self, group, key, value, ttl=None):
+        """Store ``value``; ``ttl`` seconds (default: the group's TTL). ValueTooLarge if it
+        exceeds the max item size or the group's whole budget (nothing changes then)."""
+        gid = self.group_id(group)
+        data = encode_key(key)
+        value = encode_value(value)
+        ttl = check_ttl(ttl) if ttl is not None else self._group_ttls.get(group)
+        now = time.time()
+        self._write(self.index.store, gid, data, value, now + ttl if ttl else None, now)
+
+    def delete(self, group, key):
+        """Remove the key; True if a live entry was there."""
+        gid = self.group_id(group)
+        return self._write(self.index.remove, gid, encode_key(key), time.time())
+
+    def clear(self, group=None):
+        """Remove every entry of one group, or of all groups."""
+        gids = [self.group_id(group)] if group is not None else [
+            info["id"] for info in self.index.groups().values()]
+        for gid in gids:
+            self._write(self.index.clear, gid)
+
+    # -- the write path ---------------------------------------------------------------------
+
+    def _write(self, operation, *args):
+        """Run ``operation(*args)`` as the only writer, inside a journal step."""
+        buf = self.buf
+        if buf is None:
+            raise ValueError("store is closed")
+        self._write_lock.acquire()
+        try:
+            if _U32.unpack_from(buf, _OFFSET_WRITER_PID)[0] or _U64.unpack_from(buf, _OFFSET_TX_ACTIVE)[0]:
+                self._repair()
+            _U32.pack_into(buf, _OFFSET_WRITER_PID, os.getpid())
+            self.journal.begin()
+            try:
+                result = operation(*args)
+                self.journal.commit()
+                return result
+            except BaseException:
+                self.journal.undo()
+                raise
+            finally:
+                self.index.end_write()
+                _U32.pack_into(buf, _OFFSET_WRITER_PID, 0)
+        finally:
+            self._write_lock.release()
+
+    def _repair(self):
+        """The previous writer died inside a write section: roll back its open step."""
+        buf = self.buf
+        dead = _U32.unpack_from(buf, _OFFSET_WRITER_PID)[0]
+        words = self.journal.undo()
+        stripes = self.index.repair_stripes()
+        _U64.pack_into(buf, _OFFSET_REPAIRS, _U64.unpack_from(buf, _OFFSET_REPAIRS)[0] + 1)
+        _U32.pack_into(buf, _OFFSET_WRITER_PID, 0)
+        log.warning("segment %s: writer pid %d died mid-write; restored %d words, "
+                    "reopened %d stripes", self.arena.name, dead, words, stripes)
+
+    def audit(self):
+        """Check every shared structure for consistency (takes the write lock; O(items)).
+        Repairs first if a writer died. AssertionError names the first inconsistency."""
+        return self._write(self.index.audit)
+
+    # -- figures ----------------------------------------------------------------------------
+
+    def stats(self):
+        """Segment, groups and slab figures as a plain dict."""
+        lay = self.arena.layout
+        groups = self.index.groups()
+        payload = sum(info["bytes"] for info in groups.values())
+        return {
+            "segment": self.arena.name,
+            "memory": lay.total_size,
+            "max_item_size": lay.max_item_size,
+            "buckets": lay.nbuckets,
+            "items": sum(info["items"] for info in groups.values()),
+            "bytes": payload,
+            "payload_share": payload / lay.total_size,
+            "repairs": _U64.unpack_from(self.buf, _OFFSET_REPAIRS)[0],
+            "groups": groups,
+            "slabs": self.slabs.stats(),
+        }
