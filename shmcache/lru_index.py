@@ -56,12 +56,13 @@ Buckets: u32 item refs, heads of the hash chains. Stripes: u32 seqlock counters.
 
 import os
 import struct
+import time
 
 import xxhash
 
 from .arena import (_OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES,
-                    REFBIT_GRANULE)
-from .errors import ValueTooLarge
+                    MAX_KEY_BYTES, REFBIT_GRANULE)
+from .errors import InvalidKey, ValueTooLarge
 from .slabs import STATE_LIVE, STATE_WRITING
 
 _HEAD = struct.Struct("IBBBBII")     # chain, state, key len, group, expiry frac, expiry s, value len
@@ -73,7 +74,7 @@ _GROUP_STATS = struct.Struct("QQQQ")  # evictions, expirations, sets, deletes (o
 _COUNTS = struct.Struct("QQ")        # bytes, items (offset 80)
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
-assert _HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104
+assert _HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRANULE == 32
 
 _G_BUDGET, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 80, 88, 96, 100
 _G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
@@ -83,8 +84,20 @@ READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
 MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
 MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
 ROOM_EVICTIONS = 64         # evictions per group when a full class needs a chunk
-RETRY = object()            # lookup(): could not get a consistent read without the lock
 _FRACTION = 1.0 / 256
+
+
+def encode_key(key):
+    """Key as bytes; InvalidKey unless 1..MAX_KEY_BYTES bytes of str (UTF-8) or bytes."""
+    if isinstance(key, str):
+        data = key.encode()
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        data = bytes(key)
+    else:
+        raise InvalidKey(f"key must be str or bytes, not {type(key).__name__}")
+    if not 0 < len(data) <= MAX_KEY_BYTES:
+        raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {len(data)}")
+    return data
 
 
 def expiry_fields(expire_at):
@@ -123,52 +136,73 @@ class Index:
 
     # -- readers (no lock) ------------------------------------------------------------------
 
-    def lookup(self, gid, key, now):
-        """The value of ``key`` in group ``gid``; None if absent or expired; RETRY if no
-        consistent lock-free read was possible (a writer is busy, or died, on that stripe)."""
-        buf = self.buf
-        bucket = xxhash.xxh3_64_intdigest(key, self.seeds[gid]) % self.nbuckets
-        seq_off = self.stripes_off + (bucket % self.nstripes) * 4
-        bucket_off = self.buckets_off + bucket * 4
-        klen = len(key)
-        low, high = self.pages_off, self.pages_end - ITEM_HEADER_BYTES
+    def make_reader(self, group_ids, resolve_group, locked_lookup):
+        """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
+        costs about a microsecond of Python, so every constant is a local and there is no
+        inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it or
+        raises; ``locked_lookup(gid, key)`` reads under the write lock when no consistent
+        lock-free read is possible (a writer busy or dead on the key's stripe, or a chain
+        longer than MAX_CHAIN)."""
+        buf, seeds, nbuckets, nstripes = self.buf, self.seeds, self.nbuckets, self.nstripes
+        stripes_off, buckets_off, refbits_off = self.stripes_off, self.buckets_off, self.refbits_off
+        low = self.pages_off
+        high = self.pages_end - ITEM_HEADER_BYTES
+        pages_end, max_item = self.pages_end, self.max_item_size
         unpack_u32, unpack_head = _U32.unpack_from, _HEAD.unpack_from
-        for _attempt in range(READ_ATTEMPTS):
-            seq = unpack_u32(buf, seq_off)[0]
-            if seq & 1:
-                os.sched_yield()
-                continue
-            ref = unpack_u32(buf, bucket_off)[0]
-            found = hops = 0
-            while ref and hops < MAX_CHAIN:
-                offset = ref << 3
-                if not low <= offset <= high:
-                    break                               # torn: the seq check will say so
-                ref, state, item_klen, item_gid, frac, seconds, vlen = unpack_head(buf, offset)
-                if item_klen == klen and item_gid == gid and state == STATE_LIVE:
-                    start = offset + ITEM_HEADER_BYTES
-                    if buf[start:start + klen] == key:
-                        start += klen
-                        if vlen <= self.max_item_size and start + vlen <= self.pages_end:
-                            value = buf[start:start + vlen]
-                            found = offset
+        digest, sched_yield, now = xxhash.xxh3_64_intdigest, os.sched_yield, time.time
+        find_group = group_ids.get
+
+        def get(group, key):
+            """The cached value of ``key`` in ``group``, or None (absent or expired)."""
+            gid = find_group(group)
+            if gid is None:
+                gid = resolve_group(group)
+            key = key.encode() if key.__class__ is str else encode_key(key)
+            klen = len(key)
+            if not 0 < klen <= MAX_KEY_BYTES:
+                raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {klen}")
+            bucket = digest(key, seeds[gid]) % nbuckets
+            seq_off = stripes_off + (bucket % nstripes) * 4
+            bucket_off = buckets_off + bucket * 4
+            attempts = READ_ATTEMPTS
+            while attempts:
+                attempts -= 1
+                seq = unpack_u32(buf, seq_off)[0]
+                if seq & 1:
+                    sched_yield()
+                    continue
+                ref = unpack_u32(buf, bucket_off)[0]
+                found = hops = 0
+                while ref:
+                    offset = ref << 3
+                    if offset < low or offset > high or hops == MAX_CHAIN:
+                        break                           # torn, or long: the checks below decide
+                    ref, state, item_klen, item_gid, frac, seconds, vlen = unpack_head(buf, offset)
+                    if item_klen == klen and item_gid == gid and state == STATE_LIVE:
+                        start = offset + ITEM_HEADER_BYTES
+                        if buf[start:start + klen] == key:
+                            start += klen
+                            if vlen <= max_item and start + vlen <= pages_end:
+                                value = buf[start:start + vlen]
+                                found = offset
+                            break
+                    hops += 1
+                if unpack_u32(buf, seq_off)[0] != seq:
+                    continue
+                if not found:
+                    if hops == MAX_CHAIN:
                         break
-                hops += 1
-            if unpack_u32(buf, seq_off)[0] != seq:
-                continue
-            if not found:
-                if ref and hops >= MAX_CHAIN:
-                    return RETRY                        # a long chain: walk it under the lock
-                return None
-            if seconds and seconds + frac * _FRACTION <= now:
-                return None
-            bit = (found - low) // REFBIT_GRANULE
-            byte_off = self.refbits_off + (bit >> 3)
-            mask = 1 << (bit & 7)
-            if not buf[byte_off] & mask:                # write only when it changes: hot
-                buf[byte_off] |= mask                   # items stay read-only cache lines
-            return value
-        return RETRY
+                    return None
+                if seconds and seconds + frac * _FRACTION <= now():
+                    return None
+                bit = (found - low) >> 5                # REFBIT_GRANULE = 32
+                byte_off = refbits_off + (bit >> 3)
+                mask = 1 << (bit & 7)
+                if not buf[byte_off] & mask:            # write only when it changes: hot
+                    buf[byte_off] |= mask               # items stay read-only cache lines
+                return value
+            return locked_lookup(gid, key)
+        return get
 
     def lookup_locked(self, gid, key, now):
         """``lookup`` for the write-lock holder: no seqlock, no walk limit."""

@@ -17,12 +17,11 @@ import os
 import struct
 import time
 
-from .arena import (MAX_KEY_BYTES, _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID,
-                    Arena)
-from .errors import InvalidKey, UnknownGroup
+from .arena import _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID, Arena
+from .errors import UnknownGroup
 from .journal import Journal
 from .locks import LockFile
-from .lru_index import RETRY, Index
+from .lru_index import Index, encode_key
 from .slabs import Slabs
 from .units import parse_size
 
@@ -31,19 +30,6 @@ log = logging.getLogger("shmcache")
 WRITE_LOCK_BYTE = 0
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
-
-
-def encode_key(key):
-    """Key as bytes; InvalidKey unless 1..MAX_KEY_BYTES bytes of str (UTF-8) or bytes."""
-    if isinstance(key, str):
-        data = key.encode()
-    elif isinstance(key, (bytes, bytearray, memoryview)):
-        data = bytes(key)
-    else:
-        raise InvalidKey(f"key must be str or bytes, not {type(key).__name__}")
-    if not 0 < len(data) <= MAX_KEY_BYTES:
-        raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {len(data)}")
-    return data
 
 
 def encode_value(value):
@@ -80,6 +66,8 @@ class Store:
         self._write_lock = self._lock_file.byte_lock(WRITE_LOCK_BYTE)
         self._group_ids = {}           # name -> id; ids never change once defined
         self._group_ttls = {}
+        # get(group, key) -> bytes | None: lock-free, one closure (see Index.make_reader).
+        self.get = self.index.make_reader(self._group_ids, self.group_id, self._locked_get)
 
     @classmethod
     def create(cls, name, memory, max_item_size=1 << 20, max_groups=64):
@@ -141,18 +129,8 @@ class Store:
 
     # -- data -------------------------------------------------------------------------------
 
-    def get(self, group, key):
-        """The cached value or None. Lock-free unless a writer is busy on the key's stripe."""
-        gid = self._group_ids.get(group)
-        if gid is None:
-            gid = self.group_id(group)
-        data = key.encode() if key.__class__ is str else encode_key(key)
-        if len(data) > MAX_KEY_BYTES or not data:
-            raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {len(data)}")
-        value = self.index.lookup(gid, data, time.time())
-        if value is RETRY:
-            value = self._write(self.index.lookup_locked, gid, data, time.time())
-        return value
+    def _locked_get(self, gid, key):
+        return self._write(self.index.lookup_locked, gid, key, time.time())
 
     def set(self, group, key, value, ttl=None):
         """Store ``value``; ``ttl`` seconds (default: the group's TTL). ValueTooLarge if it

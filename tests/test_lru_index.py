@@ -290,3 +290,27 @@ def test_clock_hit_ratio_within_one_point_of_exact_lru(make_cache):
     print(f"hit ratio: exact LRU {lru_ratio:.4f}, shmcache CLOCK {clock_ratio:.4f}")
     assert abs(clock_ratio - lru_ratio) <= 0.01
     assert cache.stats()["groups"]["z"]["bytes"] <= budget
+
+
+def test_reads_fall_back_to_the_lock_when_lock_free_reads_cannot_validate(make_cache, monkeypatch):
+    """A chain too long for a lock-free walk, or a stripe that stays odd, is read under the
+    write lock, with the same answers."""
+    from shmcache import lru_index
+    from shmcache.arena import _OFFSET_WRITER_PID
+    cache = make_cache()
+    for i in range(100):
+        cache.set("g", f"k{i}", f"v{i}")
+    monkeypatch.setattr(lru_index, "MAX_CHAIN", 0)       # every walk is "too long"
+    assert [cache.peek("g", f"k{i}") for i in range(100)] == [f"v{i}".encode() for i in range(100)]
+    assert cache.peek("g", "absent") is None
+    monkeypatch.setattr(lru_index, "MAX_CHAIN", 64)
+    store = cache._store
+    stripe = store.arena.layout.stripes_off
+    for index in range(store.arena.layout.nstripes):     # as a writer killed mid-write leaves them
+        offset = stripe + 4 * index
+        store.arena.set_u32(offset, store.arena.get_u32(offset) | 1)
+    store.arena.set_u32(_OFFSET_WRITER_PID, 12345)      # its pid still marks the write lock
+    assert cache.peek("g", "k7") == b"v7"                # spins, locks, repairs, reads
+    assert cache.stats()["repairs"] == 1
+    assert cache.peek("g", "k8") == b"v8"                # lock-free again
+    store.audit()

@@ -1,0 +1,229 @@
+"""Shared-memory core against its peers, in one run, as ratios.
+
+    python benchmarks/bench_core.py [--seconds 1.0] [--keys 10000]
+
+For 100 B and 1 KiB values, with 1 and 2 processes: get-hit and set microseconds per
+operation and operations per second, for shmcache (connect() on a segment), an in-process
+dict (each process its own), diskcache, memcached through pymemcache over a unix socket and
+Redis through redis-py over a unix socket. memcached and redis-server are started here when
+installed (Debian: memcached, redis-server); a missing one is reported and skipped.
+Then key+value bytes as a share of arena bytes at steady state (arena full, evicting).
+"""
+
+import argparse
+import functools
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import shmcache  # noqa: E402
+
+SIZES = {"100B": 100, "1KiB": 1024}
+
+
+# -- backends: each is (setup in the parent) -> factory; factory() in a process -> (get, set) ---
+
+def shmcache_backend(tmp):
+    name = f"kcache-bench-{uuid.uuid4().hex[:8]}"
+    owner = shmcache.create(name, "256MiB")
+    owner.define_group("bench", 200 << 20)
+
+    def factory():
+        client = shmcache.connect(name=name)
+        return functools.partial(client.peek, "bench"), functools.partial(client.set, "bench")
+    return factory, lambda: (owner.close(), owner.unlink())
+
+
+def dict_backend(tmp):
+    def factory():
+        data = {}
+        return data.get, data.__setitem__
+    return factory, lambda: None
+
+
+def diskcache_backend(tmp):
+    import diskcache
+    directory = os.path.join(tmp, "diskcache")
+
+    def factory():
+        cache = diskcache.Cache(directory)
+        return cache.get, cache.set
+    return factory, lambda: None
+
+
+def memcached_backend(tmp):
+    binary = shutil.which("memcached")
+    if not binary:
+        return None, "memcached is not installed (apt-get install memcached)"
+    from pymemcache.client.base import Client
+    sock = os.path.join(tmp, "memcached.sock")
+    server = subprocess.Popen([binary, "-s", sock, "-m", "512", "-u", "root", "-t", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_socket(sock)
+
+    def factory():
+        client = Client(f"unix:{sock}", no_delay=True)
+        return client.get, lambda key, value: client.set(key, value, noreply=False)
+    return factory, lambda: (server.terminate(), server.wait())
+
+
+def redis_backend(tmp):
+    binary = shutil.which("redis-server")
+    if not binary:
+        return None, "redis-server is not installed (apt-get install redis-server)"
+    import redis
+    sock = os.path.join(tmp, "redis.sock")
+    server = subprocess.Popen([binary, "--port", "0", "--unixsocket", sock, "--save", "",
+                               "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_socket(sock)
+
+    def factory():
+        client = redis.Redis(unix_socket_path=sock)
+        return client.get, client.set
+    return factory, lambda: (server.terminate(), server.wait())
+
+
+BACKENDS = {"shmcache": shmcache_backend, "dict": dict_backend, "diskcache": diskcache_backend,
+            "memcached": memcached_backend, "redis": redis_backend}
+
+
+def wait_for_socket(path, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server did not create {path}")
+        time.sleep(0.01)
+
+
+# -- measurement ------------------------------------------------------------------------------
+
+def run_loop(factory, op, keys, value, seconds, start_barrier, results):
+    get, put = factory()
+    for key in keys:                              # every get is a hit
+        put(key, value)
+    if start_barrier is not None:
+        start_barrier.wait()
+    count, n = 0, len(keys)
+    begin = time.perf_counter()
+    deadline = begin + seconds
+    if op == "get":
+        while True:
+            for key in keys[count % n:count % n + 1000]:
+                if get(key) is None:
+                    raise AssertionError(f"miss on {key}")
+            count += min(1000, n - count % n)
+            if time.perf_counter() >= deadline:
+                break
+    else:
+        while True:
+            for key in keys[count % n:count % n + 1000]:
+                put(key, value)
+            count += min(1000, n - count % n)
+            if time.perf_counter() >= deadline:
+                break
+    elapsed = time.perf_counter() - begin
+    results.put((count, elapsed))
+
+
+def measure(factory, op, value, procs, keys, seconds):
+    """(µs per op per process, aggregate ops/s)."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    barrier = context.Barrier(procs)
+    workers = [context.Process(target=run_loop, args=(factory, op, keys[i::procs], value,
+                                                      seconds, barrier, results))
+               for i in range(procs)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=seconds * 20 + 120) for _ in workers]
+    for worker in workers:
+        worker.join()
+    per_op = sum(elapsed / count for count, elapsed in outcomes) / procs * 1e6
+    throughput = sum(count / elapsed for count, elapsed in outcomes)
+    return per_op, throughput
+
+
+def payload_share(value_size, memory="64MiB"):
+    name = f"kcache-bench-{uuid.uuid4().hex[:8]}"
+    with shmcache.create(name, memory) as cache:
+        cache.define_group("fill", 1 << 34)
+        value = b"v" * value_size
+        i = 0
+        while cache.stats()["slabs"]["free_pages"]:
+            for _ in range(5000):
+                cache.set("fill", f"key:{i:08d}", value)
+                i += 1
+        for _ in range(i // 2):                    # run on at steady state, evicting
+            cache.set("fill", f"key:{i:08d}", value)
+            i += 1
+        stats = cache.stats()
+        return stats["payload_share"], stats["items"], stats["groups"]["fill"]["evictions"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    args = parser.parse_args()
+    keys = [f"key:{i:08d}" for i in range(args.keys)]
+    tmp = tempfile.mkdtemp(prefix="kcache-bench-")
+    rows = {}
+    try:
+        for backend in args.backends.split(","):
+            factory, cleanup = BACKENDS[backend](tmp)
+            if factory is None:
+                print(f"# {backend}: skipped, {cleanup}")
+                continue
+            try:
+                for size_name, size in SIZES.items():
+                    value = os.urandom(size)
+                    for op in ("get", "set"):
+                        for procs in (1, 2):
+                            rows[backend, op, size_name, procs] = measure(
+                                factory, op, value, procs, keys, args.seconds)
+                print(f"# {backend}: measured", flush=True)
+            finally:
+                cleanup()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n{'op':4} {'value':5} {'procs':>5}  {'backend':10} {'us/op':>8} {'ops/s':>11}"
+          f"  {'x slower than shmcache':>22}")
+    for op in ("get", "set"):
+        for size_name in SIZES:
+            for procs in (1, 2):
+                base = rows.get(("shmcache", op, size_name, procs))
+                for backend in BACKENDS:
+                    row = rows.get((backend, op, size_name, procs))
+                    if row is None:
+                        continue
+                    ratio = f"{row[0] / base[0]:.2f}" if base else "-"
+                    print(f"{op:4} {size_name:5} {procs:5}  {backend:10} {row[0]:8.2f} "
+                          f"{row[1]:11,.0f}  {ratio:>22}")
+            print()
+    if ("shmcache", "get", "100B", 1) in rows:
+        print("scaling, 2 processes vs 1 (aggregate ops/s):")
+        for op in ("get", "set"):
+            for size_name in SIZES:
+                one = rows["shmcache", op, size_name, 1][1]
+                two = rows["shmcache", op, size_name, 2][1]
+                print(f"  shmcache {op} {size_name}: {two / one:.2f}x")
+        print("\nkey+value bytes as a share of arena bytes, 64 MiB arena at steady state:")
+        for size_name, size in SIZES.items():
+            share, items, evictions = payload_share(size)
+            print(f"  {size_name} values: {share:.1%} ({items:,} items, {evictions:,} evictions so far)")
+        print("\ntargets: get hit <= 2 us, >= 5x faster than diskcache, >= 20x faster than memcached;"
+              "\n         2-process get throughput >= 1.8x one process; set <= 8 us;"
+              "\n         key+value >= 75% of arena at 100 B and >= 90% at 1 KiB")
+
+
+if __name__ == "__main__":
+    main()
