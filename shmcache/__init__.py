@@ -1,6 +1,7 @@
 """shmcache (K-Cache): a groupcache-style cache whose host-local tier lives in shared memory."""
 
 from .client import Client, connect, create
+from .group import Group
 from .errors import (InvalidKey, LoadError, NotFound, PeerUnavailable, SegmentCreateError,
                      SegmentIncompatible, SegmentInUse, SegmentNotFound, ShmcacheError,
                      UnknownGroup, ValueTooLarge)
@@ -8,7 +9,7 @@ from .errors import (InvalidKey, LoadError, NotFound, PeerUnavailable, SegmentCr
 __version__ = "0.1.0"
 
 __all__ = [
-    "Client", "connect", "create", "__version__",
+    "Client", "Group", "connect", "create", "__version__",
     "ShmcacheError", "NotFound", "UnknownGroup", "LoadError", "PeerUnavailable",
     "ValueTooLarge", "InvalidKey", "SegmentIncompatible", "SegmentNotFound",
     "SegmentInUse", "SegmentCreateError",

@@ -93,6 +93,8 @@ _OFFSET_VICTIM_CURSOR = 576  # u32 (J): next page to consider when a page must b
 _OFFSET_GROUP_LIMIT = 580    # u32 (J): 1 + highest group id defined
 _OFFSET_PAGE_MOVES = 584     # u64: pages reassigned between slab classes
 _OFFSET_OWNER_START = 592    # f64: when the owner started (for stats)
+_OFFSET_FRONT_PORT = 600     # u32: TCP port of the owner's HTTP front (0 = none)
+_OFFSET_FRONT_HOST = 608     # 64s: host it listens on (UTF-8, NUL-padded)
 _OFFSET_LOCK_BYTE = 0        # lock byte ranges are lock names, not data (locks.py)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
@@ -108,7 +110,7 @@ def shm_dir():
 
 
 def segment_path(name):
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or _CREATING in name:
         raise ValueError(f"bad segment name {name!r}: use letters, digits, '.', '_' and '-'")
     return os.path.join(shm_dir(), name)
 
@@ -191,18 +193,21 @@ class Arena:
     @classmethod
     def create(cls, name, memory, max_item_size=DEFAULT_MAX_ITEM_SIZE,
                max_groups=DEFAULT_MAX_GROUPS):
-        """Create, size and map a new segment (mode 0600), header filled but not yet published.
+        """Create, size and map a new segment (mode 0600), header filled but not published.
 
-        The caller formats the regions it owns, then calls ``publish()``; until then
-        ``attach`` refuses the segment. Raises SegmentInUse if the name exists and
-        SegmentCreateError if /dev/shm cannot hold it.
+        It is made under a temporary name; the caller formats the regions it owns, may lock
+        it, then calls ``publish()``, which links it under ``name`` in one step. So no process
+        ever finds a half-made segment under the real name. Raises SegmentInUse if the name
+        exists and SegmentCreateError if /dev/shm cannot hold it.
         """
-        path = segment_path(name)
+        final = segment_path(name)
         layout = Layout.plan(parse_size(memory), parse_size(max_item_size), max_groups)
+        if os.path.exists(final):
+            raise SegmentInUse(f"shared-memory segment {name!r} already exists")
+        _remove_orphans(name)
+        path = f"{final}{_CREATING}{os.getpid()}"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise SegmentInUse(f"shared-memory segment {name!r} already exists") from None
         except OSError as exc:
             raise SegmentCreateError(f"cannot create {path}: {exc.strerror}") from None
         arena = None
@@ -258,8 +263,19 @@ class Arena:
         return arena
 
     def publish(self):
-        """Make the segment attachable: the magic number goes in last."""
+        """Write the magic number, then link the segment under its real name (atomically:
+        SegmentInUse if that name appeared meanwhile, and the temporary file is removed)."""
         _U64.pack_into(self.buf, 0, MAGIC)
+        final = segment_path(self.name)
+        if self.path == final:
+            return
+        try:
+            os.link(self.path, final)
+        except FileExistsError:
+            raise SegmentInUse(f"shared-memory segment {self.name!r} already exists") from None
+        finally:
+            os.unlink(self.path)
+        self.path = final
 
     def close(self):
         """Detach this process's mapping. Idempotent. The segment stays."""
@@ -331,6 +347,20 @@ class Arena:
         """A new owner takes the segment over (warm restart): readers can tell."""
         struct.pack_into("Q", self.buf, 56, int.from_bytes(os.urandom(8), "little"))
 
+    def set_front(self, host, port):
+        """Record where the owner's HTTP front listens, for ``connect()`` clients."""
+        encoded = host.encode()[:64]
+        self.buf[_OFFSET_FRONT_HOST:_OFFSET_FRONT_HOST + 64] = encoded.ljust(64, b"\0")
+        _U32.pack_into(self.buf, _OFFSET_FRONT_PORT, port)
+
+    def front(self):
+        """(host, port) of the owner's HTTP front, or None if it has none."""
+        port = _U32.unpack_from(self.buf, _OFFSET_FRONT_PORT)[0]
+        if not port:
+            return None
+        host = bytes(self.buf[_OFFSET_FRONT_HOST:_OFFSET_FRONT_HOST + 64]).rstrip(b"\0").decode()
+        return host, port
+
     def get_u32(self, offset):
         return _U32.unpack_from(self.buf, offset)[0]
 
@@ -342,6 +372,32 @@ class Arena:
 
     def set_u64(self, offset, value):
         _U64.pack_into(self.buf, offset, value)
+
+
+_CREATING = ".creating-"
+
+
+def _remove_orphans(name):
+    """Remove temporary files of creators of ``name`` that died before publishing."""
+    prefix = name + _CREATING
+    try:
+        entries = os.listdir(shm_dir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix) and entry[len(prefix):].isdigit():
+            pid = int(entry[len(prefix):])
+            try:
+                os.kill(pid, 0)
+                continue                  # its creator is still at work
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            try:
+                os.unlink(os.path.join(shm_dir(), entry))
+            except FileNotFoundError:
+                pass
 
 
 def _free_bytes(path):

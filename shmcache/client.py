@@ -1,6 +1,19 @@
-"""``connect()``: a co-located process's handle on a host's cache."""
+"""``connect()``: a co-located process's handle on a host's cache.
 
+Hits are read straight from shared memory. A miss goes to the host's HTTP front (the
+address its supervisor wrote into the segment), which loads it once for the whole host.
+Only the standard library is imported here, so attaching stays cheap.
+"""
+
+import http.client
+import os
+import threading
+from urllib.parse import quote
+
+from .errors import InvalidKey, LoadError, NotFound, PeerUnavailable
 from .store import Store
+
+DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
 
 
 def segment_name(port=None, name=None):
@@ -19,11 +32,12 @@ class Client:
     _store = None
     owner = False
 
-    def __init__(self, store, owner=False):
+    def __init__(self, store, owner=False, timeout=DEFAULT_TIMEOUT):
         self._store = store
         self.owner = owner
+        self.timeout = timeout
         self.peek = store.get          # the hit path: one call, no wrapper
-
+        self._local = threading.local()  # per thread: (pid, HTTPConnection) to the front
 
     @property
     def name(self):
@@ -32,6 +46,14 @@ class Client:
     def peek(self, group, key):
         """The cached value, or None; never loads. (Replaced per instance by the store's get.)"""
         return self._store.get(group, key)
+
+    def get(self, group, key):
+        """The value: from shared memory, else loaded through the host's front (once for the
+        whole host). NotFound, LoadError, or PeerUnavailable if the front cannot be reached."""
+        value = self.peek(group, key)
+        if value is not None:
+            return value
+        return self._fetch(group, key)
 
     def set(self, group, key, value, ttl=None):
         self._store.set(group, key, value, ttl)
@@ -51,6 +73,10 @@ class Client:
     def close(self):
         if self._store is not None:
             self._store.close()
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection[1].close()
+            self._local.connection = None
 
     def unlink(self):
         """Remove the segment's name (owners only; mappings stay valid until closed)."""
@@ -64,10 +90,58 @@ class Client:
         if self.owner:
             self.unlink()
 
+    # -- the front ---------------------------------------------------------------------------
 
-def connect(port=None, *, name=None):
+    def _connection(self):
+        cached = getattr(self._local, "connection", None)
+        if cached is not None and cached[0] == os.getpid():
+            return cached[1]
+        front = self._store.arena.front()
+        if front is None:
+            raise PeerUnavailable(f"segment {self.name!r} has no HTTP front to load misses")
+        host, port = front
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        self._local.connection = (os.getpid(), connection)
+        return connection
+
+    def _fetch(self, group, key):
+        if isinstance(key, (bytes, bytearray)):
+            try:
+                key = bytes(key).decode()
+            except UnicodeDecodeError:
+                raise InvalidKey("a key to load must be UTF-8 text") from None
+        path = f"/cache/{quote(group, safe='')}/{quote(key, safe='')}"
+        for attempt in (1, 2):                      # a kept-alive connection may have closed
+            connection = self._connection()
+            try:
+                connection.request("GET", path)
+                response = connection.getresponse()
+                body = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                connection.close()
+                self._local.connection = None
+                if attempt == 2:
+                    raise PeerUnavailable(f"front of {self.name!r} closed the connection: {exc}") from None
+            except OSError as exc:
+                connection.close()
+                self._local.connection = None
+                raise PeerUnavailable(f"cannot reach the front of {self.name!r}: {exc}") from None
+        if response.status == 200:
+            return body
+        reason = body.decode(errors="replace").strip()
+        if response.status == 404:
+            raise NotFound(reason)
+        if response.status in (502, 503):
+            raise PeerUnavailable(reason)
+        raise LoadError(f"{response.status}: {reason}")
+
+
+def connect(port=None, *, name=None, timeout=DEFAULT_TIMEOUT):
     """Attach to the segment of the supervisor on ``port`` (or the segment ``name``)."""
-    return Client(Store.attach(segment_name(port, name)))
+    return Client(Store.attach(segment_name(port, name)), timeout=timeout)
 
 
 def create(name, memory="64MiB", *, max_item_size="1MiB", max_groups=64):

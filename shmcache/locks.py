@@ -45,8 +45,10 @@ class LockFile:
         # The inherited descriptor shares the parent's locks: drop it (closing our copy does
         # not release the parent's locks, the description lives on in the parent).
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            # Through /proc: the same file even if it was renamed or unlinked meanwhile.
+            inherited = self.fd
+            self.fd = os.open(f"/proc/self/fd/{inherited}", os.O_RDWR | os.O_CLOEXEC)
+            os.close(inherited)
         self._guard = threading.Lock()
         for lock in self._thread_locks.values():
             lock._thread_lock = threading.Lock()   # a parent thread may have held it

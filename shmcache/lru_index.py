@@ -136,13 +136,14 @@ class Index:
 
     # -- readers (no lock) ------------------------------------------------------------------
 
-    def make_reader(self, group_ids, resolve_group, locked_lookup):
+    def make_reader(self, group_ids, resolve_group, locked_lookup, with_expiry=False):
         """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
         costs about a microsecond of Python, so every constant is a local and there is no
         inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it or
         raises; ``locked_lookup(gid, key)`` reads under the write lock when no consistent
         lock-free read is possible (a writer busy or dead on the key's stripe, or a chain
-        longer than MAX_CHAIN)."""
+        longer than MAX_CHAIN). ``with_expiry``: return (value, expiry Unix time or None)
+        instead of the value."""
         buf, seeds, nbuckets, nstripes = self.buf, self.seeds, self.nbuckets, self.nstripes
         stripes_off, buckets_off, refbits_off = self.stripes_off, self.buckets_off, self.refbits_off
         low = self.pages_off
@@ -200,19 +201,24 @@ class Index:
                 mask = 1 << (bit & 7)
                 if not buf[byte_off] & mask:            # write only when it changes: hot
                     buf[byte_off] |= mask               # items stay read-only cache lines
+                if with_expiry:
+                    return value, (seconds + frac * _FRACTION if seconds else None)
                 return value
-            return locked_lookup(gid, key)
+            return locked_lookup(gid, key, with_expiry)
         return get
 
-    def lookup_locked(self, gid, key, now):
-        """``lookup`` for the write-lock holder: no seqlock, no walk limit."""
+    def lookup_locked(self, gid, key, now, with_expiry=False):
+        """The reader's lookup for the write-lock holder: no seqlock, no walk limit."""
         _link, offset = self._find(self.buckets_off + self._bucket(gid, key) * 4, gid, key)
         if not offset or self._expired(offset, now) or self.buf[offset + 4] != STATE_LIVE:
             return None
-        _ref, _s, klen, _g, _f, _sec, vlen = _HEAD.unpack_from(self.buf, offset)
+        _ref, _s, klen, _g, frac, seconds, vlen = _HEAD.unpack_from(self.buf, offset)
         self._set_ref(offset)
         start = offset + ITEM_HEADER_BYTES + klen
-        return self.buf[start:start + vlen]
+        value = self.buf[start:start + vlen]
+        if with_expiry:
+            return value, (seconds + frac * _FRACTION if seconds else None)
+        return value
 
     # -- write sections ---------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ def check_ttl(ttl):
 class Store:
     """One process's handle on an arena. Thread-safe; re-opens its lock descriptor after fork."""
     arena = None
-    _lock_file = None
+    lock_file = None
 
     def __init__(self, arena):
         self.arena = arena
@@ -62,19 +62,25 @@ class Store:
         self.journal = Journal(arena)
         self.slabs = Slabs(arena, self.journal)
         self.index = Index(arena, self.journal, self.slabs)
-        self._lock_file = LockFile(arena.path)
-        self._write_lock = self._lock_file.byte_lock(WRITE_LOCK_BYTE)
+        self.lock_file = LockFile(arena.path)      # this process's descriptor for byte locks
+        self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE)
         self._group_ids = {}           # name -> id; ids never change once defined
         self._group_ttls = {}
-        # get(group, key) -> bytes | None: lock-free, one closure (see Index.make_reader).
+        # get(group, key) -> bytes | None: lock-free, one closure (see Index.make_reader);
+        # get_with_expiry(group, key) -> (bytes, expiry Unix time | None) | None.
         self.get = self.index.make_reader(self._group_ids, self.group_id, self._locked_get)
+        self.get_with_expiry = self.index.make_reader(self._group_ids, self.group_id,
+                                                      self._locked_get, with_expiry=True)
 
     @classmethod
-    def create(cls, name, memory, max_item_size=1 << 20, max_groups=64):
-        """Create and format a new segment; the caller owns it (close, then unlink)."""
+    def create(cls, name, memory, max_item_size=1 << 20, max_groups=64, before_publish=None):
+        """Create and format a new segment; the caller owns it (close, then unlink).
+        ``before_publish(arena)`` runs before the segment appears under its name."""
         arena = Arena.create(name, parse_size(memory), parse_size(max_item_size), max_groups)
         try:
             Slabs(arena, None).format()
+            if before_publish is not None:
+                before_publish(arena)
             arena.publish()
             return cls(arena)
         except BaseException:
@@ -93,9 +99,9 @@ class Store:
 
     def close(self):
         """Detach. Idempotent; the segment stays."""
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        if self.lock_file is not None:
+            self.lock_file.close()
+            self.lock_file = None
         if self.arena is not None:
             self.arena.close()
         self.buf = None
@@ -122,42 +128,46 @@ class Store:
             raise ValueError(f"group name must be 1 to 64 bytes of text, not {name!r}")
         cache_bytes = parse_size(cache_bytes)
         ttl = check_ttl(ttl)
-        gid = self._write(self.index.define_group, name, cache_bytes, ttl, time.time())
+        gid = self.locked(self.index.define_group, name, cache_bytes, ttl, time.time())
         self._group_ids[name] = gid
         self._group_ttls[name] = ttl
         return gid
 
     # -- data -------------------------------------------------------------------------------
 
-    def _locked_get(self, gid, key):
-        return self._write(self.index.lookup_locked, gid, key, time.time())
+    def _locked_get(self, gid, key, with_expiry):
+        return self.locked(self.index.lookup_locked, gid, key, time.time(), with_expiry)
 
-    def set(self, group, key, value, ttl=None):
-        """Store ``value``; ``ttl`` seconds (default: the group's TTL). ValueTooLarge if it
-        exceeds the max item size or the group's whole budget (nothing changes then)."""
+    def set(self, group, key, value, ttl=None, expire_at=None):
+        """Store ``value`` for ``ttl`` seconds (default: the group's TTL), or until the Unix
+        time ``expire_at``. ValueTooLarge if it exceeds the max item size or the group's whole
+        budget (nothing changes then)."""
         gid = self.group_id(group)
         data = encode_key(key)
         value = encode_value(value)
-        ttl = check_ttl(ttl) if ttl is not None else self._group_ttls.get(group)
         now = time.time()
-        self._write(self.index.store, gid, data, value, now + ttl if ttl else None, now)
+        if expire_at is None:
+            ttl = check_ttl(ttl) if ttl is not None else self._group_ttls.get(group)
+            expire_at = now + ttl if ttl else None
+        self.locked(self.index.store, gid, data, value, expire_at, now)
 
     def delete(self, group, key):
         """Remove the key; True if a live entry was there."""
         gid = self.group_id(group)
-        return self._write(self.index.remove, gid, encode_key(key), time.time())
+        return self.locked(self.index.remove, gid, encode_key(key), time.time())
 
     def clear(self, group=None):
         """Remove every entry of one group, or of all groups."""
         gids = [self.group_id(group)] if group is not None else [
             info["id"] for info in self.index.groups().values()]
         for gid in gids:
-            self._write(self.index.clear, gid)
+            self.locked(self.index.clear, gid)
 
     # -- the write path ---------------------------------------------------------------------
 
-    def _write(self, operation, *args):
-        """Run ``operation(*args)`` as the only writer, inside a journal step."""
+    def locked(self, operation, *args):
+        """Run ``operation(*args)`` as the only writer on the segment, inside a journal step;
+        repairs first if the previous writer died. Returns what ``operation`` returns."""
         buf = self.buf
         if buf is None:
             raise ValueError("store is closed")
@@ -194,7 +204,7 @@ class Store:
     def audit(self):
         """Check every shared structure for consistency (takes the write lock; O(items)).
         Repairs first if a writer died. AssertionError names the first inconsistency."""
-        return self._write(self.index.audit)
+        return self.locked(self.index.audit)
 
     # -- figures ----------------------------------------------------------------------------
 

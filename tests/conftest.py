@@ -104,3 +104,144 @@ def processes():
     procs = Processes()
     yield procs
     procs.stop_all()
+
+
+# -- supervisors ---------------------------------------------------------------------------
+
+import http.client  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=30, host="127.0.0.1"):
+    """(status, body bytes, headers dict) of one request on a fresh connection."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read(), dict(response.getheaders())
+    finally:
+        connection.close()
+
+
+class Supervised:
+    """A real supervisor subprocess (``python -m shmcache.supervisor``) on a free port."""
+
+    def __init__(self, tmp_path, args=(), env=None, port=None, name=None):
+        self.port = port or free_port()
+        self.name = name or f"{SEGMENT_PREFIX}{uuid.uuid4().hex[:8]}"
+        self.dir = tmp_path
+        self.args = ["--port", str(self.port), "--name", self.name, "--memory", "32MiB",
+                     "--max-item-size", "256KiB", *map(str, args)]
+        self.env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests"),
+                    "KCACHE_TEST_DIR": str(tmp_path), **(env or {})}
+        self.proc = None
+        self.log_path = tmp_path / f"supervisor-{self.port}.log"
+
+    def start(self, wait=True, timeout=60):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "shmcache.supervisor", *self.args],
+                                     env=self.env, cwd=REPO, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"supervisor exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if http_request(self.port, "GET", "/healthz", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"supervisor not ready after {timeout}s:\n{self.log()}")
+
+    def log(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        return http_request(self.port, method, path, body, headers, timeout)
+
+    def get(self, group, key, timeout=30):
+        from urllib.parse import quote
+        return self.request("GET", f"/cache/{quote(group, safe='')}/{quote(key, safe='')}",
+                            timeout=timeout)
+
+    def worker_pids(self):
+        import psutil
+        try:
+            return sorted(child.pid for child in psutil.Process(self.proc.pid).children())
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_for_workers(self, count, exclude=(), timeout=30):
+        """Wait until ``count`` workers run, none of them in ``exclude``; return their pids."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.worker_pids()
+            if len(pids) == count and not set(pids) & set(exclude):
+                return pids
+            time.sleep(0.05)
+        raise AssertionError(f"expected {count} workers, have {self.worker_pids()}")
+
+    def stop(self, signum=signal.SIGTERM, timeout=60):
+        """Signal the supervisor and wait; returns its exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout=timeout)
+
+    def calls(self):
+        """Getter calls the counting app recorded: list of (pid, key)."""
+        try:
+            lines = (self.dir / "calls.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [tuple(line.split(" ", 1)) for line in lines]
+
+    def cleanup(self):
+        if self.proc is not None and self.proc.poll() is None:
+            workers = self.worker_pids()
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if getattr(self, "_log", None):
+            self._log.close()
+        try:
+            os.unlink(os.path.join(shm_dir(), self.name))
+        except FileNotFoundError:
+            pass
+
+
+@pytest.fixture
+def supervised(tmp_path):
+    """supervised(args=[...], env={...}) -> a started Supervised; all are cleaned up."""
+    made = []
+
+    def start(args=(), env=None, wait=True, **kwargs):
+        instance = Supervised(tmp_path, args, env, **kwargs)
+        made.append(instance)
+        return instance.start(wait=wait)
+
+    yield start
+    for instance in made:
+        instance.cleanup()

@@ -19,11 +19,12 @@ from shmcache.errors import (SegmentCreateError, SegmentIncompatible, SegmentInU
 def test_create_attach_close_unlink(segment_name):
     arena = Arena.create(segment_name, "4MiB", max_item_size="64KiB")
     path = segment_path(segment_name)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert os.stat(path).st_size == 4 << 20
-    with pytest.raises(SegmentIncompatible, match="not initialised"):
-        Arena.attach(segment_name)                   # no magic until published
+    assert stat.S_IMODE(os.stat(arena.path).st_mode) == 0o600
+    assert os.stat(arena.path).st_size == 4 << 20
+    with pytest.raises(SegmentNotFound):
+        Arena.attach(segment_name)                   # not under its name until published
     arena.publish()
+    assert arena.path == path and stat.S_IMODE(os.stat(path).st_mode) == 0o600
     other = Arena.attach(segment_name)
     assert other.layout == arena.layout
     assert other.epoch == arena.epoch and other.hash_seed == arena.hash_seed
@@ -62,6 +63,21 @@ def test_attach_refuses_bad_header(segment_name, offset, value, message):
             shmcache.connect(name=segment_name)
 
 
+def test_orphaned_temporary_files_of_dead_creators_are_removed(segment_name, processes):
+    dead = processes.python("pass")
+    dead.wait(timeout=30)
+    orphan = f"{segment_path(segment_name)}.creating-{dead.pid}"
+    live = f"{segment_path(segment_name)}.creating-{os.getppid()}"
+    for path in (orphan, live):
+        open(path, "wb").close()
+    try:
+        with shmcache.create(segment_name, "4MiB", max_item_size="64KiB"):
+            assert not os.path.exists(orphan)          # its creator is dead
+            assert os.path.exists(live)                # its creator may still be at work
+    finally:
+        os.unlink(live)
+
+
 def test_attach_refuses_tiny_file(segment_name):
     with open(segment_path(segment_name), "wb") as segment:
         segment.write(b"\0" * 100)
@@ -69,7 +85,7 @@ def test_attach_refuses_tiny_file(segment_name):
         shmcache.connect(name=segment_name)
 
 
-@pytest.mark.parametrize("name", ["", "a/b", "../etc", "-x", "x" * 300, 5])
+@pytest.mark.parametrize("name", ["", "a/b", "../etc", "-x", "x" * 300, 5, "a.creating-12"])
 def test_bad_segment_names(name):
     with pytest.raises(ValueError, match="bad segment name"):
         segment_path(name)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import shmcache
+from shmcache.arena import _OFFSET_WRITER_PID
 
 from valuecheck import check_value, make_value
 
@@ -164,8 +165,10 @@ def test_random_sigkills_of_writers_never_expose_a_wrong_value(make_cache, segme
         proc.start()
     rng = random.Random(5)
     for kill in range(KILLS):
-        slot = rng.randrange(WRITERS)
-        time.sleep(rng.uniform(0.02, 0.08))         # let it get well into its loop
+        time.sleep(rng.uniform(0.01, 0.05))         # let them get well into their loops
+        holder = cache._store.arena.get_u32(_OFFSET_WRITER_PID)   # whoever writes right now
+        pids = [writer.pid for writer in writers]
+        slot = pids.index(holder) if holder in pids else rng.randrange(WRITERS)
         victim = writers[slot]
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(timeout=30)
@@ -184,7 +187,7 @@ def test_random_sigkills_of_writers_never_expose_a_wrong_value(make_cache, segme
     assert sum(hits for _reads, hits, _p in outcomes) > 1000
     stats = cache.stats()
     print(f"repairs after {KILLS + WRITERS} kills: {stats['repairs']}")
-    assert stats["repairs"] >= 10          # most kills land inside a write
+    assert stats["repairs"] >= 10          # many kills landed inside a write
     cache._store.audit()
     for group, info in stats["groups"].items():
         assert info["bytes"] <= info["cache_bytes"]

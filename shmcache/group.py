@@ -1,0 +1,134 @@
+"""Groups: a named keyspace with a loader (the getter), a byte budget and a TTL; and where a
+supervisor gets its groups from (``--app``, ``--origin``, or the built-in demo)."""
+
+import importlib
+import os
+import re
+import sys
+from urllib.parse import quote
+
+from .errors import LoadError, NotFound
+from .units import parse_size
+
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+DEFAULT_CACHE_BYTES = 64 << 20
+DEMO_SCORES = {"Tom": b"630", "Jack": b"589", "Sam": b"567"}
+
+
+class Group:
+    """A cache namespace, as in groupcache.
+
+    ``getter(key: str) -> bytes | str`` loads a missing key; it raises KeyError when the key
+    does not exist. ``cache_bytes`` bounds key + value bytes held for the group on each host.
+    ``ttl`` (seconds) bounds how long a loaded or set value is served; None = until evicted.
+    """
+
+    def __init__(self, name, cache_bytes=DEFAULT_CACHE_BYTES, getter=None, ttl=None):
+        if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
+            raise ValueError(f"bad group name {name!r}: 1 to 64 of letters, digits, '_', '.', '-'")
+        if getter is not None and not callable(getter):
+            raise TypeError(f"getter of group {name!r} is not callable")
+        self.name = name
+        self.cache_bytes = parse_size(cache_bytes)
+        self.getter = getter
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                                or not 0 < ttl < 1e9):
+            raise ValueError(f"ttl of group {name!r} must be positive seconds or None")
+        self.ttl = ttl
+
+    def __repr__(self):
+        return f"Group({self.name!r}, cache_bytes={self.cache_bytes}, ttl={self.ttl})"
+
+    def load(self, key):
+        """Call the getter: bytes, or NotFound (KeyError) / LoadError (anything else)."""
+        if self.getter is None:
+            raise NotFound(f"group {self.name!r} has no getter; {key!r} is not cached")
+        try:
+            value = self.getter(key)
+        except KeyError:
+            raise NotFound(f"{self.name}/{key} does not exist") from None
+        except Exception as exc:
+            raise LoadError(f"getter of {self.name!r} failed for {key!r}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(value, str):
+            return value.encode()
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        raise LoadError(f"getter of {self.name!r} returned {type(value).__name__} for {key!r}; "
+                        f"expected bytes or str")
+
+
+def demo_groups():
+    """The built-in demo: group ``scores`` with Tom, Jack and Sam."""
+    def load_score(key):
+        return DEMO_SCORES[key]
+    return [Group("scores", DEFAULT_CACHE_BYTES, load_score)]
+
+
+class OriginGetter:
+    """Loads ``<origin>/<key>`` over HTTP. One requests.Session per process, made on first use
+    (sessions are not fork-safe). 404 -> KeyError; any other failure -> an exception."""
+
+    def __init__(self, url, connect_timeout=2.0, read_timeout=10.0):
+        self.url = url.rstrip("/")
+        self.timeout = (connect_timeout, read_timeout)
+        self._session = None
+        self._pid = None
+
+    def __call__(self, key):
+        import requests
+        if self._pid != os.getpid():
+            self._session, self._pid = requests.Session(), os.getpid()
+        url = f"{self.url}/{quote(key, safe='/')}"
+        response = self._session.get(url, timeout=self.timeout)
+        if response.status_code == 404:
+            raise KeyError(key)
+        if response.status_code != 200:
+            raise RuntimeError(f"origin answered {response.status_code} for {url}")
+        return response.content
+
+
+def origin_group(url, cache_bytes=DEFAULT_CACHE_BYTES, ttl=None):
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--origin must be an http:// or https:// URL, not {url!r}")
+    return Group("origin", cache_bytes, OriginGetter(url), ttl)
+
+
+class AppError(Exception):
+    """The --app groups could not be loaded; the message says why."""
+
+
+def load_app(spec):
+    """Groups from ``MODULE:ATTR``: an iterable of Group, or a callable returning one."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise AppError(f"--app must look like MODULE:ATTR, not {spec!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())          # like gunicorn: apps next to where you run
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise AppError(f"cannot import {module_name!r} for --app {spec}: "
+                       f"{type(exc).__name__}: {exc}") from exc
+    try:
+        target = getattr(module, attr)
+    except AttributeError:
+        raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
+    try:
+        groups = list(target() if callable(target) else target)
+    except Exception as exc:
+        raise AppError(f"--app {spec} failed: {type(exc).__name__}: {exc}") from exc
+    return check_groups(groups, f"--app {spec}")
+
+
+def check_groups(groups, source):
+    names = set()
+    for group in groups:
+        if not isinstance(group, Group):
+            raise AppError(f"{source} yielded {type(group).__name__}, expected shmcache.Group")
+        if group.name in names:
+            raise AppError(f"{source} defines group {group.name!r} twice")
+        names.add(group.name)
+    if not groups:
+        raise AppError(f"{source} defines no groups")
+    return groups

@@ -1,0 +1,276 @@
+"""Singleflight: one load per key, however many callers, across every process of the host.
+
+Two layers:
+
+* ``Flights`` (in-process): the first thread to miss a key runs the load; later threads of
+  the same process get the same ``concurrent.futures.Future``.
+* ``HostFlights`` (cross-process): that one thread per process then meets the other
+  processes in the in-flight table in the arena. The first to claim a slot for the key loads;
+  the others wait. The loader holds an OFD lock on the slot's lock byte for as long as it
+  loads, so the kernel tells waiters when it is done *or dead*.
+
+The table is open-addressed: a key's slots are the PROBE slots from its hash. Every slot
+change happens under the arena's write lock (``Store.locked``), so claim, join and finish are
+each atomic with respect to each other. The interleavings that matter:
+
+  claim vs claim   A and B miss K. A takes the write lock, finds no LOADING slot for K,
+                   takes slot S's lock byte, writes LOADING, unlocks. B takes the write lock
+                   after, finds S LOADING for K, joins (waiters += 1). One load.
+  store vs claim   A stores K's value, then marks S done. B, claiming later, re-reads the
+                   cache under the write lock first, so it sees the value, not a free slot.
+  finish vs join   A marks S done under the write lock; a joiner after that finds no LOADING
+                   slot and claims afresh (a new load: "the next get retries" after an error).
+  loader dies      the kernel drops A's byte lock; waiter W's poll takes it, sees S still
+                   LOADING with the ticket it joined: A died. W rewrites S's pid (under the
+                   write lock) and loads, still holding the byte, so the other waiters keep
+                   waiting, now for W.
+
+A waiter must never poll a byte its own process holds (OFD locks do not exclude their own
+open file description): ``_held`` lists the slots this process is loading.
+
+Slot layout (INFLIGHT_SLOT_BYTES = 512, at ``inflight_off + 512 * slot``)::
+
+    0    u32  state: FREE, LOADING, DONE_OK, DONE_NOT_FOUND, DONE_ERROR
+    4    u32  loader pid
+    8    u64  ticket (unique per claim; waiters check it)
+    16   f64  time of the last change (Unix s): old finished slots are reused
+    24   u32  waiters still to read the result
+    28   u8   group id          29  u8  key length      30  u16  error message length
+    32   key (up to 250 bytes)
+    288  error message (up to 224 bytes, UTF-8)
+"""
+
+import logging
+import os
+import struct
+import threading
+import time
+from concurrent.futures import Future
+
+import xxhash
+
+from .arena import INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS
+from .errors import LoadError, NotFound
+
+log = logging.getLogger("shmcache")
+
+FREE, LOADING, DONE_OK, DONE_NOT_FOUND, DONE_ERROR = range(5)
+INFLIGHT_LOCK_BASE = 4096         # lock byte of slot i is INFLIGHT_LOCK_BASE + i
+PROBE = 16                        # slots a key may use
+STALE_AFTER = 60.0                # seconds after which a finished slot is reused regardless
+POLL_MIN, POLL_MAX = 0.0005, 0.01  # waiter poll interval, seconds
+
+_SLOT = struct.Struct("IIQdIBBH")
+_STATE = struct.Struct("I")
+_KEY_OFF, _ERROR_OFF, _ERROR_MAX = 32, 288, 224
+
+
+class Flights:
+    """In-process singleflight: ``run(key, fn)`` returns a Future shared by concurrent callers."""
+
+    def __init__(self):
+        self._lock = threading.Lock()       # guards _flights
+        self._flights = {}
+
+    def run(self, key, submit):
+        """The Future for ``key``; ``submit()`` starts a new one only if none is in flight."""
+        with self._lock:
+            future = self._flights.get(key)
+            if future is not None:
+                return future
+            future = submit()
+            self._flights[key] = future
+        future.add_done_callback(lambda _f: self._forget(key, future))
+        return future
+
+    def _forget(self, key, future):
+        with self._lock:
+            if self._flights.get(key) is future:
+                del self._flights[key]
+
+    def __len__(self):
+        return len(self._flights)
+
+
+class HostFlights:
+    """The cross-process layer over the arena's in-flight table."""
+
+    def __init__(self, store, load_timeout=30.0):
+        self.store = store
+        self.buf = store.buf
+        self.base = store.arena.layout.inflight_off
+        self.load_timeout = load_timeout
+        self._held = set()                  # slots this process is loading; guarded by _guard
+        self._guard = threading.Lock()
+
+    def load(self, gid, key, loader):
+        """Value for ``key`` (bytes) in group ``gid``: from the cache if someone just stored it,
+        from another process's load, or from ``loader()`` run here. ``loader`` stores what it
+        loads before returning. NotFound / LoadError from whichever process loaded."""
+        for _attempt in range(3):
+            action, slot, ticket, value = self.store.locked(self._claim_or_join, gid, key)
+            if action == "hit":
+                return value
+            if action == "untracked":            # table full: load without host-wide dedup
+                return loader()
+            if action == "wait":
+                outcome = self._wait(slot, ticket, gid, key)
+                if outcome is _RETRY:
+                    continue
+                if outcome is _LOAD_HERE:       # the shared result is already gone
+                    return loader()
+                if outcome is not _TAKE_OVER:
+                    return outcome
+            return self._load_as_owner(slot, ticket, loader)
+        return loader()
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _load_as_owner(self, slot, ticket, loader):
+        """We hold the slot's byte lock: load, publish, release."""
+        with self._guard:
+            self._held.add(slot)
+        state, message, value = DONE_ERROR, "load did not finish", None
+        try:
+            value = loader()
+            state, message = DONE_OK, ""
+            return value
+        except NotFound as exc:
+            state, message = DONE_NOT_FOUND, str(exc)
+            raise
+        except LoadError as exc:
+            state, message = DONE_ERROR, str(exc)
+            raise
+        finally:
+            try:
+                self.store.locked(self._finish, slot, ticket, state, message)
+            finally:
+                with self._guard:
+                    self._held.discard(slot)
+                self.store.lock_file.unlock_byte(INFLIGHT_LOCK_BASE + slot)
+
+    def _wait(self, slot, ticket, gid, key):
+        """Poll the slot's byte lock until the loader finishes or dies. Returns the value,
+        raises its error, or returns _TAKE_OVER (the loader died: we hold the byte and load),
+        _LOAD_HERE (the value was stored and is gone again) or _RETRY (slot reused)."""
+        lock_file = self.store.lock_file
+        byte = INFLIGHT_LOCK_BASE + slot
+        deadline = time.monotonic() + self.load_timeout
+        delay = POLL_MIN
+        while True:
+            with self._guard:
+                ours = slot in self._held       # never the case by design; see module doc
+            if not ours and lock_file.try_lock_byte(byte):
+                try:
+                    outcome = self.store.locked(self._collect, slot, ticket)
+                except BaseException:
+                    lock_file.unlock_byte(byte)
+                    raise
+                if outcome is _TAKE_OVER:
+                    return outcome               # keep the byte: we are the loader now
+                lock_file.unlock_byte(byte)
+                if outcome is _RETRY:
+                    return outcome
+                state, message = outcome
+                if state == DONE_OK:
+                    value = self.store.locked(self.store.index.lookup_locked, gid, key,
+                                              time.time())
+                    return _LOAD_HERE if value is None else value
+                if state == DONE_NOT_FOUND:
+                    raise NotFound(message)
+                raise LoadError(message)
+            if time.monotonic() > deadline:
+                self.store.locked(self._leave, slot, ticket)
+                raise LoadError(f"timed out after {self.load_timeout:.0f}s waiting for "
+                                f"another process to load {key!r}")
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
+
+    # -- table operations (write lock held) --------------------------------------------------
+
+    def _slots(self, gid, key):
+        start = xxhash.xxh3_64_intdigest(key, gid) % INFLIGHT_SLOTS
+        return [(start + step) % INFLIGHT_SLOTS for step in range(PROBE)]
+
+    def _claim_or_join(self, gid, key):
+        value = self.store.index.lookup_locked(gid, key, time.time())
+        if value is not None:
+            return "hit", None, None, value
+        buf, now = self.buf, time.time()
+        slots = self._slots(gid, key)
+        for slot in slots:                       # someone loading it already?
+            offset = self.base + slot * INFLIGHT_SLOT_BYTES
+            state, _pid, ticket, _c, waiters, slot_gid, klen, _e = _SLOT.unpack_from(buf, offset)
+            if (state == LOADING and slot_gid == gid and klen == len(key)
+                    and buf[offset + _KEY_OFF:offset + _KEY_OFF + klen] == key):
+                struct.pack_into("I", buf, offset + 24, waiters + 1)
+                return "wait", slot, ticket, None
+        for slot in slots:                       # no: claim one
+            offset = self.base + slot * INFLIGHT_SLOT_BYTES
+            state, _pid, _t, changed, waiters, _g, _k, _e = _SLOT.unpack_from(buf, offset)
+            if self._claimable(slot, state, waiters, changed, now):
+                ticket = self._next_ticket()
+                buf[offset + _KEY_OFF:offset + _KEY_OFF + len(key)] = key
+                _SLOT.pack_into(buf, offset, FREE, os.getpid(), ticket, now, 0, gid, len(key), 0)
+                _STATE.pack_into(buf, offset, LOADING)      # last: now others can join
+                return "load", slot, ticket, None
+        log.warning("in-flight table full around %r: loading without host-wide dedup", key)
+        return "untracked", None, None, None
+
+    def _claimable(self, slot, state, waiters, changed, now):
+        """May ``slot`` be claimed? If so we now hold its byte lock.
+
+        A finished slot whose waiters have not all read the result is kept (for STALE_AFTER at
+        most: a waiter may have died). A LOADING slot whose byte lock is free has a dead
+        loader; with waiters, they are about to take over, so it is kept as well."""
+        if state != FREE and waiters and now - changed < STALE_AFTER:
+            return False
+        with self._guard:
+            if slot in self._held:
+                return False
+        return self.store.lock_file.try_lock_byte(INFLIGHT_LOCK_BASE + slot)
+
+    def _next_ticket(self):
+        self._ticket_counter = getattr(self, "_ticket_counter", 0) + 1
+        return (os.getpid() << 32 | self._ticket_counter) & 0xFFFFFFFFFFFFFFFF
+
+    def _finish(self, slot, ticket, state, message):
+        buf = self.buf
+        offset = self.base + slot * INFLIGHT_SLOT_BYTES
+        current, _pid, slot_ticket, _c, waiters, _g, _k, _e = _SLOT.unpack_from(buf, offset)
+        if slot_ticket != ticket or current != LOADING:
+            return
+        encoded = message.encode()[:_ERROR_MAX]
+        buf[offset + _ERROR_OFF:offset + _ERROR_OFF + len(encoded)] = encoded
+        struct.pack_into("H", buf, offset + 30, len(encoded))
+        struct.pack_into("d", buf, offset + 16, time.time())
+        _STATE.pack_into(buf, offset, state if waiters else FREE)
+
+    def _collect(self, slot, ticket):
+        """A waiter holding the byte lock reads the outcome (and stops counting as a waiter),
+        or finds the loader dead and takes the load over."""
+        buf = self.buf
+        offset = self.base + slot * INFLIGHT_SLOT_BYTES
+        state, _pid, slot_ticket, _c, waiters, _g, _k, elen = _SLOT.unpack_from(buf, offset)
+        if slot_ticket != ticket:
+            return _RETRY
+        waiters = max(0, waiters - 1)
+        if state == LOADING:
+            log.warning("loader pid %d of %r died; pid %d takes over", _pid,
+                        bytes(buf[offset + _KEY_OFF:offset + _KEY_OFF + _k]), os.getpid())
+            struct.pack_into("IIQdI", buf, offset, LOADING, os.getpid(), ticket, time.time(), waiters)
+            return _TAKE_OVER
+        message = bytes(buf[offset + _ERROR_OFF:offset + _ERROR_OFF + elen]).decode(errors="replace")
+        struct.pack_into("I", buf, offset + 24, waiters)
+        if not waiters:
+            _STATE.pack_into(buf, offset, FREE)
+        return state, message
+
+    def _leave(self, slot, ticket):
+        offset = self.base + slot * INFLIGHT_SLOT_BYTES
+        state, _pid, slot_ticket, _c, waiters, _g, _k, _e = _SLOT.unpack_from(self.buf, offset)
+        if slot_ticket == ticket and waiters:
+            struct.pack_into("I", self.buf, offset + 24, waiters - 1)
+
+
+_TAKE_OVER, _LOAD_HERE, _RETRY = object(), object(), object()    # _wait outcomes

@@ -1,0 +1,376 @@
+"""``python -m shmcache.supervisor``: one host's arbiter.
+
+It loads the groups, opens the arena (warm if the last supervisor of that name stopped
+cleanly), binds the listening socket, forks the workers, replaces any that die, and on
+SIGTERM/SIGINT drains and stops them. Signal handlers only enqueue; the main loop
+dispatches. While it runs it holds an OFD lock on OWNER_LOCK_BYTE of the segment, so a
+second supervisor can tell a live owner from a dead one.
+
+Exit codes: 0 after a clean stop; 2 bad command line or groups; 3 a worker could not boot;
+4 the segment or the port could not be had.
+"""
+
+import argparse
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .arena import _OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, DEFAULT_MAX_GROUPS
+from .errors import SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound
+from .group import AppError, check_groups, demo_groups, load_app, origin_group, DEMO_SCORES
+from .locks import LockFile
+from .store import Store
+from .units import format_size, parse_size
+from .worker import WORKER_BOOT_ERROR, Worker
+
+log = logging.getLogger("shmcache")
+
+OWNER_LOCK_BYTE = 1
+EXIT_USAGE, EXIT_BOOT, EXIT_RESOURCE = 2, 3, 4
+
+
+@dataclass
+class Config:
+    workers: int = 4
+    port: int = 8001
+    host: str = "127.0.0.1"
+    app: str = None
+    origin: str = None
+    memory: int = 256 << 20
+    max_item_size: int = 1 << 20
+    name: str = None
+    base_path: str = "/_kcache/"
+    threads: int = 32
+    load_timeout: float = 30.0
+    graceful_timeout: float = 30.0
+    unlink_on_stop: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self):
+        if self.name is None:
+            self.name = f"kcache-{self.port}"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m shmcache.supervisor",
+        description="Run a shmcache host: a shared-memory arena and worker processes behind one port.")
+    add = parser.add_argument
+    add("--workers", type=int, default=4, help="worker processes (default 4)")
+    add("--port", type=int, default=8001, help="TCP port (default 8001)")
+    add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    add("--app", help="MODULE:ATTR naming an iterable of shmcache.Group, or a callable returning one")
+    add("--origin", help="serve group 'origin', loading URL/<key> over HTTP")
+    add("--memory", default="256MiB", help="arena size (default 256MiB)")
+    add("--max-item-size", default="1MiB", help="largest value (default 1MiB)")
+    add("--name", help="segment name (default kcache-<port>)")
+    add("--base-path", default="/_kcache/", help="peer route prefix (default /_kcache/)")
+    add("--threads", type=int, default=32, help="threads per worker for loads (default 32)")
+    add("--load-timeout", type=float, default=30.0,
+        help="seconds a request waits for another process's load (default 30)")
+    add("--graceful-timeout", type=float, default=30.0,
+        help="seconds workers get to finish requests when stopping (default 30)")
+    add("--unlink-on-stop", action="store_true",
+        help="remove the segment at a clean stop (default: keep it for a warm restart)")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    try:
+        memory, max_item = parse_size(args.memory), parse_size(args.max_item_size)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.workers < 1 or args.threads < 1:
+        parser.error("--workers and --threads must be at least 1")
+    if not 0 < args.port < 65536:
+        parser.error("--port must be 1..65535")
+    if not args.base_path.strip("/"):
+        parser.error("--base-path must name a path, such as /_kcache/")
+    return Config(args.workers, args.port, args.host, args.app, args.origin, memory, max_item,
+                  args.name, args.base_path, args.threads, args.load_timeout,
+                  args.graceful_timeout, args.unlink_on_stop, args.log_level)
+
+
+class Supervisor:
+    """The arbiter. ``run()`` returns the process exit code."""
+    store = None
+    listener = None
+    _owner_lock = None
+
+    def __init__(self, config):
+        self.config = config
+        self.workers = {}                 # pid -> Worker
+        self.signals = deque()            # filled by handlers, emptied by the main loop
+        self.groups = []
+        self.app_factory = None
+        self.stopping = False
+        self.exit_code = 0
+
+    # -- main -------------------------------------------------------------------------------
+
+    def run(self):
+        try:
+            self.load_groups()
+        except (AppError, ValueError, TypeError) as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_USAGE
+        try:
+            self.listener = self.bind()
+            self.open_segment()
+        except (OSError, SegmentInUse, SegmentCreateError, ValueError) as exc:
+            log.error("cannot start: %s", exc)
+            self.close()
+            return EXIT_RESOURCE
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                       signal.SIGCHLD):
+            signal.signal(signum, self._enqueue)
+        log.info("listening on http://%s:%d with %d workers (segment %s, pid %d)",
+                 self.config.host, self.config.port, self.config.workers, self.config.name,
+                 os.getpid())
+        try:
+            self.manage_workers()
+            while not self.stopping:
+                select.select([wake_read], [], [], 1.0)
+                try:
+                    while os.read(wake_read, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                self.dispatch_signals()
+                self.reap_workers()
+                if not self.stopping:
+                    self.manage_workers()
+            self.stop_workers()
+        finally:
+            self.close()
+        return self.exit_code
+
+    def _enqueue(self, signum, frame):
+        self.signals.append(signum)
+
+    def dispatch_signals(self):
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                log.info("received %s: stopping gracefully", signal.Signals(signum).name)
+                self.stopping = True
+            elif signum == signal.SIGHUP:
+                self.handle_hup()
+
+    def handle_hup(self):
+        log.info("SIGHUP: nothing to reload on a host without peers")
+
+    # -- groups and the segment --------------------------------------------------------------
+
+    def load_groups(self):
+        config = self.config
+        if config.app:
+            self.groups = load_app(config.app)
+            module_name, _, attr = config.app.partition(":")
+            target = getattr(sys.modules[module_name], attr)
+            self.app_factory = target if callable(target) else None
+        if config.origin:
+            self.groups = [*self.groups, origin_group(config.origin)]
+            check_groups(self.groups, "--app and --origin")
+        if not self.groups:
+            self.groups = demo_groups()
+            log.info("no --app or --origin: serving the built-in demo group 'scores' (%s)",
+                     ", ".join(f"{k} -> {v.decode()}" for k, v in DEMO_SCORES.items()))
+
+    def bind(self):
+        """The listening socket, shared by every worker. Retries for a few seconds while a
+        dead supervisor's workers let go of the port."""
+        config = self.config
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        deadline = time.monotonic() + 5.0
+        while True:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((config.host, config.port))
+                sock.listen(1024)
+                sock.set_inheritable(True)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if exc.errno != 98 or time.monotonic() > deadline:     # EADDRINUSE
+                    raise OSError(exc.errno, f"cannot listen on {config.host}:{config.port}: "
+                                             f"{exc.strerror}") from None
+                time.sleep(0.1)
+
+    def open_segment(self):
+        """Warm: re-attach a segment its last owner stopped cleanly, same layout. Else clean."""
+        config = self.config
+        for _attempt in range(5):
+            try:
+                self.store = Store.create(config.name, config.memory, config.max_item_size,
+                                          DEFAULT_MAX_GROUPS, before_publish=self._take_ownership)
+                log.info("clean start: created segment %s (%s)", config.name,
+                         format_size(config.memory))
+                break
+            except SegmentInUse:
+                pass                                   # it exists: whose is it?
+            if self._adopt_existing():
+                break
+        else:
+            raise SegmentInUse(f"could not open segment {config.name}")
+        arena = self.store.arena
+        arena.set_u32(_OFFSET_CLEAN, 0)
+        arena.set_u32(_OFFSET_OWNER_PID, os.getpid())
+        struct.pack_into("d", arena.buf, _OFFSET_OWNER_START, time.time())
+        arena.set_front(config.host, config.port)
+        self.define_groups()
+
+    def _take_ownership(self, arena):
+        self._owner_lock = LockFile(arena.path)
+        if not self._owner_lock.try_lock_byte(OWNER_LOCK_BYTE):
+            raise SegmentInUse("new segment already locked")   # cannot happen: it is ours
+
+    def _adopt_existing(self):
+        """True if we now own the existing segment (warm); False if we removed it (retry)."""
+        config = self.config
+        path = os.path.join(os.environ.get("SHMCACHE_SHM_DIR", "/dev/shm"), config.name)
+        try:
+            owner_lock = LockFile(path)
+        except FileNotFoundError:
+            return False
+        if not owner_lock.try_lock_byte(OWNER_LOCK_BYTE):
+            owner_lock.close()
+            raise SegmentInUse(f"segment {config.name} belongs to a running supervisor; "
+                               f"stop it first or pick another --name/--port")
+        reason = None
+        try:
+            store = Store.attach(config.name)
+        except (SegmentIncompatible, SegmentNotFound) as exc:
+            store, reason = None, str(exc)
+        if store is not None:
+            lay = store.arena.layout
+            if not store.arena.get_u32(_OFFSET_CLEAN):
+                reason = "its last supervisor did not stop cleanly"
+            elif (lay.total_size, lay.max_item_size) != (config.memory, config.max_item_size):
+                reason = "--memory or --max-item-size changed"
+        if reason is None:
+            self.store, self._owner_lock = store, owner_lock
+            store.arena.new_epoch()
+            stats = store.stats()
+            log.info("warm start: re-attached segment %s with %d items kept",
+                     config.name, stats["items"])
+            return True
+        log.info("clean start: discarding segment %s (%s)", config.name, reason)
+        if store is not None:
+            store.close()
+        os.unlink(path)
+        owner_lock.close()
+        return False
+
+    def define_groups(self):
+        store = self.store
+        for group in self.groups:
+            store.define_group(group.name, group.cache_bytes, group.ttl)
+        served = {group.name for group in self.groups}
+        for name, info in store.stats()["groups"].items():
+            if name not in served and info["cache_bytes"]:
+                log.info("group %s is no longer served: dropping its %d items", name, info["items"])
+                store.define_group(name, 0)
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def manage_workers(self):
+        """Keep ``config.workers`` workers running."""
+        running = {worker.index for worker in self.workers.values()}
+        for index in range(1, self.config.workers + 1):
+            if index not in running:
+                self.spawn_worker(index)
+
+    def spawn_worker(self, index):
+        worker = Worker(index, self.config, self.listener, self.groups, self.app_factory)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                worker.run()
+            finally:
+                os._exit(1)
+        self.workers[pid] = worker
+        log.info("started worker %d (pid %d)", index, pid)
+
+    def reap_workers(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code == WORKER_BOOT_ERROR:
+                log.error("worker %d (pid %d) could not boot (see above): stopping", worker.index, pid)
+                self.exit_code = EXIT_BOOT
+                self.stopping = True
+            elif not self.stopping:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                log.warning("worker %d (pid %d) died (%s): replacing it", worker.index, pid, how)
+
+    def stop_workers(self):
+        """SIGTERM every worker, wait for them to drain, SIGKILL what is left after the
+        graceful timeout."""
+        for pid in list(self.workers):
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.graceful_timeout
+        while self.workers and time.monotonic() < deadline:
+            self.reap_workers()
+            time.sleep(0.02)
+        for pid, worker in list(self.workers.items()):
+            log.warning("worker %d (pid %d) did not stop in time: killing it", worker.index, pid)
+            _signal(pid, signal.SIGKILL)
+        while self.workers:
+            self.reap_workers()
+            time.sleep(0.01)
+
+    def close(self):
+        """Mark a clean stop (if it was one), release the segment and the port."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        store = self.store
+        if store is not None:
+            clean = self.exit_code == 0 and not self.workers
+            store.arena.set_u32(_OFFSET_CLEAN, 1 if clean else 0)
+            store.arena.set_u32(_OFFSET_OWNER_PID, 0)
+            if self.config.unlink_on_stop or not clean:
+                store.arena.unlink()
+            store.close()
+            self.store = None
+        if self._owner_lock is not None:
+            self._owner_lock.close()
+            self._owner_lock = None
+
+
+def _signal(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s [%(process)d] %(levelname)s %(message)s")
+    sys.exit(Supervisor(config).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""A test app whose getter leaves a trace of every call, so tests can count loads.
+
+Environment: KCACHE_TEST_DIR (where calls.log and markers go), KCACHE_TEST_DELAY (seconds
+that keys starting with "slow" take). Key prefixes choose behaviour:
+
+    missing*   KeyError (not found)        fail*   RuntimeError (load error)
+    slow*      sleeps KCACHE_TEST_DELAY     die*    the first call SIGKILLs its own process
+    str*       returns str                  int*    returns an int (a bad getter)
+"""
+
+import os
+import signal
+import time
+
+from shmcache import Group
+
+DIRECTORY = os.environ.get("KCACHE_TEST_DIR", "/tmp")
+
+
+def record(key):
+    with open(os.path.join(DIRECTORY, "calls.log"), "a") as log:
+        log.write(f"{os.getpid()} {key}\n")
+
+
+def load(key):
+    record(key)
+    if "slow" in key:
+        time.sleep(float(os.environ.get("KCACHE_TEST_DELAY", "0.5")))
+    if "die" in key:
+        marker = os.path.join(DIRECTORY, "died-" + key.replace("/", "_"))
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            time.sleep(float(os.environ.get("KCACHE_TEST_DELAY", "0.5")))
+            os.kill(os.getpid(), signal.SIGKILL)
+        except FileExistsError:
+            pass
+    if "missing" in key:
+        raise KeyError(key)
+    if "fail" in key:
+        raise RuntimeError(f"cannot load {key}")
+    if "int" in key:
+        return 42
+    if "str" in key:
+        return f"text:{key}"
+    return f"value-of-{key}".encode()
+
+
+groups = [
+    Group("test", 4 << 20, load),
+    Group("brief", 4 << 20, load, ttl=0.5),
+]
+
+
+def factory_failing_in_workers():
+    """A callable --app: fine in the supervisor, raises in a worker (a boot error)."""
+    if os.environ.get("SHMCACHE_WORKER"):
+        raise RuntimeError("this worker cannot boot")
+    return groups
