@@ -47,7 +47,7 @@ class Config:
     max_item_size: int = 1 << 20
     name: str = None
     base_path: str = "/_kcache/"
-    threads: int = 32
+    threads: int = 64
     load_timeout: float = 30.0
     graceful_timeout: float = 30.0
     unlink_on_stop: bool = False
@@ -72,7 +72,8 @@ def parse_args(argv=None):
     add("--max-item-size", default="1MiB", help="largest value (default 1MiB)")
     add("--name", help="segment name (default kcache-<port>)")
     add("--base-path", default="/_kcache/", help="peer route prefix (default /_kcache/)")
-    add("--threads", type=int, default=32, help="threads per worker for loads (default 32)")
+    add("--threads", type=int, default=64,
+        help="threads per worker for loads and peer fetches; more misses queue (default 64)")
     add("--load-timeout", type=float, default=30.0,
         help="seconds a request waits for another process's load (default 30)")
     add("--graceful-timeout", type=float, default=30.0,

@@ -116,6 +116,7 @@ class Worker:
         self.app_factory = app_factory     # a callable --app: called again after fork
         self.supervisor_pid = os.getpid()
         self.server = None
+        self.node = None
 
     def run(self):
         """Boot, serve until told to stop, exit. Never returns."""
@@ -132,8 +133,29 @@ class Worker:
             log.exception("worker %d crashed", self.index)
             code = 1
         log.info("worker %d (pid %d) stopped", self.index, os.getpid())
+        if os.getppid() != self.supervisor_pid:
+            self.remove_orphaned_segment()
         logging.shutdown()
         os._exit(code)
+
+    def remove_orphaned_segment(self):
+        """The supervisor died without a clean stop: unless a new supervisor has taken the
+        segment over, remove its name so that /dev/shm does not keep a dead segment.
+
+        Safe against a restart racing us: a new supervisor either made a new file under the
+        name (the inode check fails) or holds the owner lock on this one (try_lock fails)."""
+        from .supervisor import OWNER_LOCK_BYTE
+        store = self.node.store
+        try:
+            if os.stat(store.arena.path).st_ino != os.fstat(store.arena.fd).st_ino:
+                return
+            if store.lock_file.try_lock_byte(OWNER_LOCK_BYTE):
+                os.unlink(store.arena.path)
+                log.warning("worker %d: supervisor died; removed its segment %s", self.index,
+                            store.arena.name)
+                store.lock_file.unlock_byte(OWNER_LOCK_BYTE)
+        except FileNotFoundError:
+            pass                                  # another worker was first
 
     def init_process(self):
         from .http_front import Front
@@ -156,7 +178,7 @@ class Worker:
         store = Store.attach(config.name)
         pool = ThreadPoolExecutor(max_workers=config.threads,
                                   thread_name_prefix=f"worker{self.index}")
-        node = Node(store, groups, pool, load_timeout=config.load_timeout)
+        node = self.node = Node(store, groups, pool, load_timeout=config.load_timeout)
         front = Front(node, base_path=config.base_path)
         limits = Limits(max_body=store.arena.layout.max_item_size + 4096)
         self.server = HttpServer(self.listener, front.handle, limits)

@@ -92,16 +92,36 @@ def test_unlink_on_stop_leaves_nothing(supervised):
     assert not os.path.exists(segment_path(server.name))
 
 
-def test_supervisor_sigkill_leaves_no_workers_and_restart_starts_clean(supervised):
+def test_supervisor_sigkill_leaves_no_workers_and_no_segment(supervised):
     first = supervised(APP)
     first.request("PUT", "/cache/test/lost", body=b"gone after a crash")
     workers = first.wait_for_workers(4)
     first.stop(signal.SIGKILL)
     wait_gone(workers, timeout=10)                        # no orphans
+    assert not os.path.exists(segment_path(first.name))   # and no dead segment left behind
+    second = supervised(APP, port=first.port, name=first.name)
+    assert server_value(second, "lost") == b"value-of-lost"      # reloaded, not the old value
+
+
+def test_crash_of_every_process_leaves_a_segment_that_the_next_start_discards(supervised):
+    first = supervised(APP)
+    first.request("PUT", "/cache/test/lost", body=b"gone after a crash")
+    everyone = [first.proc.pid, *first.wait_for_workers(4)]
+    for signum in (signal.SIGSTOP, signal.SIGKILL):       # freeze all, then kill: nobody
+        for pid in everyone:                              # gets to clean up
+            os.kill(pid, signum)
+    first.proc.wait(30)
+    wait_gone(everyone)
+    assert os.path.exists(segment_path(first.name))
     second = supervised(APP, port=first.port, name=first.name)
     assert "did not stop cleanly" in second.log()
-    assert second.get("test", "lost")[0] == 200
-    assert second.get("test", "lost")[1] == b"value-of-lost"     # reloaded, not the old value
+    assert server_value(second, "lost") == b"value-of-lost"
+
+
+def server_value(server, key):
+    status, body, _ = server.get("test", key)
+    assert status == 200
+    return body
 
 
 def test_second_supervisor_on_a_live_segment_is_refused(supervised):

@@ -1,0 +1,12 @@
+"""Groups for the benchmarks: values of a fixed size, computed at once (no I/O)."""
+
+from shmcache import Group
+
+VALUE_SIZE = 100
+
+
+def load(key):
+    return (key.encode() * (VALUE_SIZE // max(1, len(key)) + 1))[:VALUE_SIZE]
+
+
+groups = [Group("bench", 64 << 20, load)]
