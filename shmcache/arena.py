@@ -15,6 +15,7 @@ Region map (offsets from the segment start; each region 8-byte aligned; native x
     stripes     stripes_off   nstripes * 4                 lru_index.py (seqlock counters)
     inflight    inflight_off  INFLIGHT_SLOTS * 512         singleflight.py
     counters    counters_off  COUNTER_SLOTS * slot bytes   metrics.py
+    peers       peers_off     PEER_SLOTS * 32              peers.py (peer health)
     page table  pagemeta_off  npages * 32                  slabs.py
     ref bits    refbits_off   page bytes / 256             lru_index.py (CLOCK reference bits)
     buckets     buckets_off   nbuckets * 4                 lru_index.py
@@ -73,6 +74,8 @@ INFLIGHT_SLOTS = 256                 # concurrent cold loads tracked host-wide
 INFLIGHT_SLOT_BYTES = 512
 COUNTER_SLOTS = 128                  # processes that keep per-process counters
 COUNTER_SLOT_BYTES = 64 + DEFAULT_MAX_GROUPS * 16 * 8
+PEER_SLOTS = 1024                    # peers whose health the host's workers share
+PEER_SLOT_BYTES = 32
 
 _HEADER = struct.Struct("QIIQIIIIIIIIQdQ")
 _U32 = struct.Struct("I")
@@ -95,6 +98,7 @@ _OFFSET_PAGE_MOVES = 584     # u64: pages reassigned between slab classes
 _OFFSET_OWNER_START = 592    # f64: when the owner started (for stats)
 _OFFSET_FRONT_PORT = 600     # u32: TCP port of the owner's HTTP front (0 = none)
 _OFFSET_FRONT_HOST = 608     # 64s: host it listens on (UTF-8, NUL-padded)
+_OFFSET_PEER_COUNT = 672     # u32: peers in the owner's ring (>1: writes are cluster-wide)
 _OFFSET_LOCK_BYTE = 0        # lock byte ranges are lock names, not data (locks.py)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
@@ -131,6 +135,7 @@ class Layout:
     stripes_off: int
     inflight_off: int
     counters_off: int
+    peers_off: int
     pagemeta_off: int
     refbits_off: int
     buckets_off: int
@@ -155,6 +160,7 @@ class Layout:
         stripes_off, offset = offset, offset + NSTRIPES * 4
         inflight_off, offset = offset, offset + INFLIGHT_SLOTS * INFLIGHT_SLOT_BYTES
         counters_off, offset = offset, offset + COUNTER_SLOTS * COUNTER_SLOT_BYTES
+        peers_off, offset = offset, offset + PEER_SLOTS * PEER_SLOT_BYTES
         fixed = offset
         if npages is None:
             per_page = (page_size + PAGE_RECORD_BYTES + page_size // (8 * REFBIT_GRANULE)
@@ -169,8 +175,8 @@ class Layout:
             if pages_off + npages * page_size <= total_size:
                 return cls(total_size, page_size, npages, nbuckets, min(NSTRIPES, nbuckets),
                            max_item_size, max_groups, log_off, groups_off, classes_off,
-                           stripes_off, inflight_off, counters_off, pagemeta_off, refbits_off,
-                           buckets_off, pages_off)
+                           stripes_off, inflight_off, counters_off, peers_off, pagemeta_off,
+                           refbits_off, buckets_off, pages_off)
             npages -= 1
         raise ValueError(
             f"memory {format_size(total_size)} is too small for a max item size of "

@@ -6,12 +6,14 @@ Only the standard library is imported here, so attaching stays cheap.
 """
 
 import http.client
+import json
 import os
 import threading
 from urllib.parse import quote
 
-from .errors import InvalidKey, LoadError, NotFound, PeerUnavailable
-from .store import Store
+from .arena import _OFFSET_PEER_COUNT
+from .errors import InvalidKey, LoadError, NotFound, PeerUnavailable, ValueTooLarge
+from .store import Store, encode_value
 
 DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
 
@@ -56,10 +58,34 @@ class Client:
         return self._fetch(group, key)
 
     def set(self, group, key, value, ttl=None):
-        self._store.set(group, key, value, ttl)
+        """Store ``value`` (for ``ttl`` seconds, default the group's). On a host with peers it
+        goes through the front, to the key's owner, and other hosts drop their copies."""
+        if not self._clustered():
+            self._store.set(group, key, value, ttl)
+            return
+        self._store.check_fits(group, key, value)
+        query = f"?ttl={ttl!r}" if ttl is not None else ""
+        self._cluster_write("PUT", group, key, encode_value(value), query)
 
     def delete(self, group, key):
-        return self._store.delete(group, key)
+        """Remove the key (from every host, when the host has peers); True if it was there."""
+        if not self._clustered():
+            return self._store.delete(group, key)
+        return self._cluster_write("DELETE", group, key)["deleted"]
+
+    def _clustered(self):
+        return self._store.arena.get_u32(_OFFSET_PEER_COUNT) > 1
+
+    def _cluster_write(self, method, group, key, body=None, query=""):
+        status, data = self._front_request(method, group, key, body, query)
+        if status == 200:
+            return json.loads(data)
+        if status == 502:
+            raise PeerUnavailable(f"{method} {group}/{key} reached only part of the cluster: "
+                                  f"{data.decode(errors='replace').strip()}")
+        if status == 413:
+            raise ValueTooLarge(data.decode(errors="replace").strip())
+        raise LoadError(f"{status}: {data.decode(errors='replace').strip()}")
 
     def clear(self, group=None):
         self._store.clear(group)
@@ -107,19 +133,30 @@ class Client:
         return connection
 
     def _fetch(self, group, key):
+        status, body = self._front_request("GET", group, key)
+        if status == 200:
+            return body
+        reason = body.decode(errors="replace").strip()
+        if status == 404:
+            raise NotFound(reason)
+        if status in (502, 503):
+            raise PeerUnavailable(reason)
+        raise LoadError(f"{status}: {reason}")
+
+    def _front_request(self, method, group, key, body=None, query=""):
+        """(status, body) of a request to this host's front for ``group``/``key``."""
         if isinstance(key, (bytes, bytearray)):
             try:
                 key = bytes(key).decode()
             except UnicodeDecodeError:
-                raise InvalidKey("a key to load must be UTF-8 text") from None
-        path = f"/cache/{quote(group, safe='')}/{quote(key, safe='')}"
+                raise InvalidKey("a key sent to the front must be UTF-8 text") from None
+        path = f"/cache/{quote(group, safe='')}/{quote(key, safe='')}{query}"
         for attempt in (1, 2):                      # a kept-alive connection may have closed
             connection = self._connection()
             try:
-                connection.request("GET", path)
+                connection.request(method, path, body=body)
                 response = connection.getresponse()
-                body = response.read()
-                break
+                return response.status, response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 connection.close()
                 self._local.connection = None
@@ -129,14 +166,6 @@ class Client:
                 connection.close()
                 self._local.connection = None
                 raise PeerUnavailable(f"cannot reach the front of {self.name!r}: {exc}") from None
-        if response.status == 200:
-            return body
-        reason = body.decode(errors="replace").strip()
-        if response.status == 404:
-            raise NotFound(reason)
-        if response.status in (502, 503):
-            raise PeerUnavailable(reason)
-        raise LoadError(f"{response.status}: {reason}")
 
 
 def connect(port=None, *, name=None, timeout=DEFAULT_TIMEOUT):

@@ -174,14 +174,30 @@ class Front:
         if method == "PUT":
             try:
                 ttl = self._ttl(request.query)
-                node.set(group, key, request.body, ttl=ttl)
+                if not node.clustered:
+                    node.set(group, key, request.body, ttl=ttl)
+                    return render(200, '{"stored": true}\n', content_type=JSON)
+                node.store.check_fits(group, key, request.body)
             except ValueTooLarge as exc:
                 return error(413, str(exc))
             except ValueError as exc:
                 return error(400, str(exc))
-            return render(200, '{"stored": true}\n', content_type=JSON)
-        deleted = node.delete(group, key)
-        return render(200, json.dumps({"deleted": deleted}) + "\n", content_type=JSON)
+            return then(node.pool.submit(node.set_everywhere, group, key, request.body, ttl),
+                        self._cluster_answer)
+        if not node.clustered:
+            deleted = node.delete(group, key)
+            return render(200, json.dumps({"deleted": deleted}) + "\n", content_type=JSON)
+        return then(node.pool.submit(node.delete_everywhere, group, key), self._cluster_answer)
+
+    @staticmethod
+    def _cluster_answer(done):
+        """200 if every host did its part, else 502; the body says which peers failed."""
+        try:
+            outcome = done.result()
+        except ValueTooLarge as exc:
+            return error(413, str(exc))
+        status = 502 if outcome["failed_peers"] else 200
+        return render(status, json.dumps(outcome) + "\n", content_type=JSON)
 
     @staticmethod
     def _ttl(query):
@@ -233,7 +249,7 @@ class Front:
         if method == "GET":
             hit = node.peek(group, key)
             if hit is not None:
-                return render(200, encode_get_response(*hit), content_type=PROTOBUF)
+                return render(200, encode_get_response(hit[0], hit[1]), content_type=PROTOBUF)
             return then(node.get_future(group, key, from_peer=True),
                         lambda done: self._peer_answer(done, group, key))
         if method == "PUT":

@@ -27,7 +27,7 @@ suite checks that the hit ratio stays within one point of exact LRU on a Zipf tr
 Item, in a slab chunk (ITEM_HEADER_BYTES = 24)::
 
     0   u32  hash chain: next item ref            \\
-    4   u8   state (slabs.STATE_LIVE or _WRITING)  |  word 0: one journaled u64 when a
+    4   u8   state (slabs: LIVE, HOT or WRITING)   |  word 0: one journaled u64 when a
     5   u8   key length                            |  chunk changes hands
     6   u8   group id                              |
     7   u8   expiry, fraction of a second in 1/256 /
@@ -63,7 +63,7 @@ import xxhash
 from .arena import (_OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES,
                     MAX_KEY_BYTES, REFBIT_GRANULE)
 from .errors import InvalidKey, ValueTooLarge
-from .slabs import STATE_LIVE, STATE_WRITING
+from .slabs import STATE_HOT, STATE_LIVE, STATE_WRITING
 
 _HEAD = struct.Struct("IBBBBII")     # chain, state, key len, group, expiry frac, expiry s, value len
 _TAIL = struct.Struct("IIII")        # expiry s, value len, ring prev, ring next (offset 8)
@@ -142,8 +142,8 @@ class Index:
         inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it or
         raises; ``locked_lookup(gid, key)`` reads under the write lock when no consistent
         lock-free read is possible (a writer busy or dead on the key's stripe, or a chain
-        longer than MAX_CHAIN). ``with_expiry``: return (value, expiry Unix time or None)
-        instead of the value."""
+        longer than MAX_CHAIN). ``with_expiry``: return (value, expiry Unix time or None,
+        whether it is a hot copy) instead of the value."""
         buf, seeds, nbuckets, nstripes = self.buf, self.seeds, self.nbuckets, self.nstripes
         stripes_off, buckets_off, refbits_off = self.stripes_off, self.buckets_off, self.refbits_off
         low = self.pages_off
@@ -179,7 +179,7 @@ class Index:
                     if offset < low or offset > high or hops == MAX_CHAIN:
                         break                           # torn, or long: the checks below decide
                     ref, state, item_klen, item_gid, frac, seconds, vlen = unpack_head(buf, offset)
-                    if item_klen == klen and item_gid == gid and state == STATE_LIVE:
+                    if item_klen == klen and item_gid == gid and state & 1:   # LIVE or HOT
                         start = offset + ITEM_HEADER_BYTES
                         if buf[start:start + klen] == key:
                             start += klen
@@ -202,7 +202,7 @@ class Index:
                 if not buf[byte_off] & mask:            # write only when it changes: hot
                     buf[byte_off] |= mask               # items stay read-only cache lines
                 if with_expiry:
-                    return value, (seconds + frac * _FRACTION if seconds else None)
+                    return value, (seconds + frac * _FRACTION if seconds else None), state == 3
                 return value
             return locked_lookup(gid, key, with_expiry)
         return get
@@ -210,14 +210,14 @@ class Index:
     def lookup_locked(self, gid, key, now, with_expiry=False):
         """The reader's lookup for the write-lock holder: no seqlock, no walk limit."""
         _link, offset = self._find(self.buckets_off + self._bucket(gid, key) * 4, gid, key)
-        if not offset or self._expired(offset, now) or self.buf[offset + 4] != STATE_LIVE:
+        if not offset or self._expired(offset, now) or not self.buf[offset + 4] & 1:
             return None
         _ref, _s, klen, _g, frac, seconds, vlen = _HEAD.unpack_from(self.buf, offset)
         self._set_ref(offset)
         start = offset + ITEM_HEADER_BYTES + klen
         value = self.buf[start:start + vlen]
         if with_expiry:
-            return value, (seconds + frac * _FRACTION if seconds else None)
+            return value, (seconds + frac * _FRACTION if seconds else None), _s == STATE_HOT
         return value
 
     # -- write sections ---------------------------------------------------------------------
@@ -255,9 +255,11 @@ class Index:
 
     # -- writers ----------------------------------------------------------------------------
 
-    def store(self, gid, key, value, expire_at, now):
+    def store(self, gid, key, value, expire_at, now, state=STATE_LIVE, unless_changed=None):
         """Insert or replace ``key``; evicts by budget and by memory. ValueTooLarge if it can
-        never fit (the old value, if any, is left in place)."""
+        never fit (the old value, if any, is left in place). ``state`` STATE_HOT marks a copy
+        of another host's value. ``unless_changed``: a stripe version from ``version()``;
+        if anything wrote to the key's stripe since, store nothing and return False."""
         buf, journal = self.buf, self.journal
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         klen, vlen = len(key), len(value)
@@ -269,13 +271,16 @@ class Index:
         if size > budget:
             raise ValueTooLarge(f"key + value of {size} bytes exceed the whole budget of "
                                 f"group {self.group_name(gid)!r}")
+        bucket = xxhash.xxh3_64_intdigest(key, self.seeds[gid]) % self.nbuckets
+        if unless_changed is not None and self._stripe_seq(bucket) != unless_changed:
+            return False
         class_id = self.slabs.class_for(ITEM_HEADER_BYTES + size)
-        bucket_off = self._mark(xxhash.xxh3_64_intdigest(key, self.seeds[gid]) % self.nbuckets)
+        bucket_off = self._mark(bucket)
         link, old = self._find(bucket_off, gid, key)
         if old:
             if _U32.unpack_from(buf, old + 12)[0] == vlen:
-                self._rewrite(old, value, expire_at)
-                return
+                self._rewrite(old, value, expire_at, state)
+                return True
             self._unlink(old, link)
             # Commit the removal before the chunk can be handed out again: the new item's
             # key and value are written unjournaled, which is only sound in a chunk that was
@@ -288,7 +293,7 @@ class Index:
         ref = offset >> 3
         # The chunk is not reachable yet: only word 0 (free-list link and state) is journaled.
         journal.w64(offset, _U32.unpack_from(buf, bucket_off)[0]
-                    | (STATE_LIVE | klen << 8 | gid << 16 | frac << 24) << 32)
+                    | (state | klen << 8 | gid << 16 | frac << 24) << 32)
         start = offset + ITEM_HEADER_BYTES
         buf[start:start + klen] = key
         buf[start + klen:start + size] = value
@@ -308,8 +313,17 @@ class Index:
         nbytes, items = _COUNTS.unpack_from(buf, group + _G_BYTES)
         journal.w64x2(group + _G_BYTES, nbytes + size, items + 1)
         self._bump(group + _G_SETS)
+        return True
 
-    def _rewrite(self, offset, value, expire_at):
+    def version(self, gid, key):
+        """The key's stripe version: pass it to ``store(unless_changed=...)`` to store only if
+        nothing touched the stripe in between (a delete of the key always does)."""
+        return self._stripe_seq(self._bucket(gid, key)) | 1
+
+    def _stripe_seq(self, bucket):
+        return _U32.unpack_from(self.buf, self.stripes_off + (bucket % self.nstripes) * 4)[0] | 1
+
+    def _rewrite(self, offset, value, expire_at, state=STATE_LIVE):
         """Overwrite a same-length value in place (an update counts as a reference).
 
         Value bytes are not journaled, so the item is first marked STATE_WRITING in a step of
@@ -325,18 +339,18 @@ class Index:
         start = offset + ITEM_HEADER_BYTES + klen
         buf[start:start + len(value)] = value
         _U32.pack_into(buf, offset + _I_EXPIRY, seconds)
-        journal.w64(offset, word | (STATE_LIVE | frac << 24) << 32)
+        journal.w64(offset, word | (state | frac << 24) << 32)
         self._set_ref(offset)
         self._bump(self.groups_off + buf[offset + 6] * GROUP_RECORD_BYTES + _G_SETS)
 
     def remove(self, gid, key, now):
         """Delete ``key``; True if it was there (expired entries count as absent)."""
-        bucket = self._bucket(gid, key)
-        link, offset = self._find(self.buckets_off + bucket * 4, gid, key)
+        # Marks the stripe even when the key is absent: a hot copy fetched before this delete
+        # then sees the stripe changed and is not stored (see ``version``).
+        link, offset = self._find(self._mark(self._bucket(gid, key)), gid, key)
         if not offset:
             return False
         expired = self._expired(offset, now)
-        self._mark(bucket)
         self._unlink(offset, link)
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         self._bump(group + (_G_EXPIRATIONS if expired else _G_DELETES))

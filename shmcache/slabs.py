@@ -41,7 +41,7 @@ stays there until ``alloc`` meets it at the head (so a full page that gives a ch
 takes it again, the steady state of a full cache, costs no list writes).
 
 Chunk word 0 (u64) is shared with item headers (lru_index.py): in a free chunk the low u32 is
-the next free slot + 1 and byte 4, the state, is STATE_FREE; items set STATE_LIVE there.
+the next free slot + 1 and byte 4, the state, is STATE_FREE; items set one of HOLDING_ITEM.
 """
 
 import bisect
@@ -58,6 +58,8 @@ VICTIM_CANDIDATES = 16        # pages looked at when one must be emptied for ano
 STATE_FREE = 0
 STATE_LIVE = 1
 STATE_WRITING = 2             # a value being overwritten in place (lru_index.py)
+STATE_HOT = 3                 # a live copy of a value another host owns (odd = readable)
+HOLDING_ITEM = (STATE_LIVE, STATE_WRITING, STATE_HOT)
 
 _CLASS = struct.Struct("IIIIII")
 _PAGE = struct.Struct("IIIIIIII")
@@ -312,7 +314,7 @@ class Slabs:
         _cls, carve, _used, _free, _p, _n, size, _slots = _PAGE.unpack_from(buf, page_rec)
         base = self.pages_off + page * self.page_size
         return [base + slot * size for slot in range(carve)
-                if buf[base + slot * size + 4] in (STATE_LIVE, STATE_WRITING)]
+                if buf[base + slot * size + 4] in HOLDING_ITEM]
 
     # -- figures ----------------------------------------------------------------------------
 
@@ -362,7 +364,7 @@ class Slabs:
                 link = _U32.unpack_from(buf, offset)[0]
             held = [base + slot * size for slot in range(carve) if slot not in free]
             for offset in held:
-                assert buf[offset + 4] in (STATE_LIVE, STATE_WRITING), (page, offset)
+                assert buf[offset + 4] in HOLDING_ITEM, (page, offset)
             assert len(held) == used, (page, len(held), used)
             items.update(held)
         listed = 0

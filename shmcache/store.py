@@ -18,11 +18,11 @@ import struct
 import time
 
 from .arena import _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID, Arena
-from .errors import UnknownGroup
+from .errors import UnknownGroup, ValueTooLarge
 from .journal import Journal
 from .locks import LockFile
 from .lru_index import Index, encode_key
-from .slabs import Slabs
+from .slabs import STATE_HOT, Slabs
 from .units import parse_size
 
 log = logging.getLogger("shmcache")
@@ -150,6 +150,31 @@ class Store:
             ttl = check_ttl(ttl) if ttl is not None else self._group_ttls.get(group)
             expire_at = now + ttl if ttl else None
         self.locked(self.index.store, gid, data, value, expire_at, now)
+
+    def check_fits(self, group, key, value):
+        """ValueTooLarge (or InvalidKey) if ``set`` would refuse this value; stores nothing."""
+        data, value = encode_key(key), encode_value(value)
+        lay = self.arena.layout
+        if len(value) > lay.max_item_size:
+            raise ValueTooLarge(f"value of {len(value)} bytes exceeds the max item size "
+                                f"of {lay.max_item_size} bytes")
+        info = self.index.groups().get(group)
+        if info is None:
+            raise UnknownGroup(f"no group {group!r} in segment {self.arena.name!r}")
+        if len(data) + len(value) > info["cache_bytes"]:
+            raise ValueTooLarge(f"key + value of {len(data) + len(value)} bytes exceed the "
+                                f"whole budget of group {group!r}")
+
+    def version(self, group, key):
+        """A version of the key's neighbourhood; see ``set_hot``."""
+        return self.index.version(self.group_id(group), encode_key(key))
+
+    def set_hot(self, group, key, value, expire_at, version):
+        """Keep a copy of a value another host owns, unless anything wrote near the key since
+        ``version`` was read (a delete racing the fetch). True if stored. ValueTooLarge as set."""
+        gid = self.group_id(group)
+        return self.locked(self.index.store, gid, encode_key(key), encode_value(value),
+                           expire_at, time.time(), STATE_HOT, version)
 
     def delete(self, group, key):
         """Remove the key; True if a live entry was there."""

@@ -22,10 +22,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .arena import _OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, DEFAULT_MAX_GROUPS
+from .arena import (_OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, _OFFSET_PEER_COUNT,
+                    DEFAULT_MAX_GROUPS)
 from .errors import SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound
 from .group import AppError, check_groups, demo_groups, load_app, origin_group, DEMO_SCORES
 from .locks import LockFile
+from .peers import load_peer_list, normalize_url
 from .store import Store
 from .units import format_size, parse_size
 from .worker import WORKER_BOOT_ERROR, Worker
@@ -52,10 +54,19 @@ class Config:
     graceful_timeout: float = 30.0
     unlink_on_stop: bool = False
     log_level: str = "info"
+    peers: tuple = ()
+    peers_file: str = None
+    self_url: str = None
+    hot_fraction: float = 0.1
+    peer_timeout: float = 10.0
+    peer_connect_timeout: float = 0.5
 
     def __post_init__(self):
         if self.name is None:
             self.name = f"kcache-{self.port}"
+        if self.self_url is None:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+            self.self_url = f"http://{host}:{self.port}"
 
 
 def parse_args(argv=None):
@@ -81,6 +92,16 @@ def parse_args(argv=None):
     add("--unlink-on-stop", action="store_true",
         help="remove the segment at a clean stop (default: keep it for a warm restart)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add("--peers", default="", help="URL,URL,... of every host (this one included)")
+    add("--peers-file", help="file of peer URLs (one per line), re-read on SIGHUP")
+    add("--self", dest="self_url", help="this host's URL among the peers "
+        "(default http://<host>:<port>)")
+    add("--hot-fraction", type=float, default=0.1,
+        help="share of values fetched from owners kept here as hot copies (default 0.1)")
+    add("--peer-timeout", type=float, default=10.0,
+        help="seconds to wait for a peer's answer (default 10)")
+    add("--peer-connect-timeout", type=float, default=0.5,
+        help="seconds to wait for a peer's connection (default 0.5)")
     args = parser.parse_args(argv)
     try:
         memory, max_item = parse_size(args.memory), parse_size(args.max_item_size)
@@ -92,9 +113,20 @@ def parse_args(argv=None):
         parser.error("--port must be 1..65535")
     if not args.base_path.strip("/"):
         parser.error("--base-path must name a path, such as /_kcache/")
+    if not 0 <= args.hot_fraction <= 1:
+        parser.error("--hot-fraction must be between 0 and 1")
+    static = tuple(part for part in args.peers.split(",") if part.strip())
+    try:
+        load_peer_list(static, args.peers_file)
+        if args.self_url:
+            normalize_url(args.self_url)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
     return Config(args.workers, args.port, args.host, args.app, args.origin, memory, max_item,
                   args.name, args.base_path, args.threads, args.load_timeout,
-                  args.graceful_timeout, args.unlink_on_stop, args.log_level)
+                  args.graceful_timeout, args.unlink_on_stop, args.log_level, static,
+                  args.peers_file, args.self_url and normalize_url(args.self_url),
+                  args.hot_fraction, args.peer_timeout, args.peer_connect_timeout)
 
 
 class Supervisor:
@@ -135,6 +167,9 @@ class Supervisor:
         log.info("listening on http://%s:%d with %d workers (segment %s, pid %d)",
                  self.config.host, self.config.port, self.config.workers, self.config.name,
                  os.getpid())
+        peers = self.peer_list()
+        if len(peers) > 1:
+            log.info("this host is %s among %d peers", self.config.self_url, len(peers))
         try:
             self.manage_workers()
             while not self.stopping:
@@ -166,7 +201,29 @@ class Supervisor:
                 self.handle_hup()
 
     def handle_hup(self):
-        log.info("SIGHUP: nothing to reload on a host without peers")
+        """Re-read --peers-file and tell the workers to do the same."""
+        if not self.config.peers_file:
+            log.info("SIGHUP: no --peers-file to reload")
+            return
+        try:
+            peers = self.peer_list()
+        except (OSError, ValueError) as exc:
+            log.error("SIGHUP: keeping the old peers: %s", exc)
+            return
+        log.info("SIGHUP: %d peers: %s", len(peers), ", ".join(peers))
+        self.store.arena.set_u32(_OFFSET_PEER_COUNT, len(peers))
+        for pid in list(self.workers):
+            _signal(pid, signal.SIGHUP)
+
+    def peer_list(self):
+        """Every peer URL, this host's included."""
+        config = self.config
+        if not config.peers and not config.peers_file:
+            return [config.self_url]
+        peers = set(load_peer_list(config.peers, config.peers_file))
+        if config.self_url not in peers:
+            log.warning("this host (%s) is not in its peer list: adding it", config.self_url)
+        return sorted(peers | {config.self_url})
 
     # -- groups and the segment --------------------------------------------------------------
 
@@ -227,6 +284,7 @@ class Supervisor:
         arena.set_u32(_OFFSET_OWNER_PID, os.getpid())
         struct.pack_into("d", arena.buf, _OFFSET_OWNER_START, time.time())
         arena.set_front(config.host, config.port)
+        arena.set_u32(_OFFSET_PEER_COUNT, len(self.peer_list()))
         self.define_groups()
 
     def _take_ownership(self, arena):

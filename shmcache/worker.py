@@ -9,13 +9,14 @@ WORKER_BOOT_ERROR, and the supervisor stops instead of respawning it forever.
 import ctypes
 import logging
 import os
+import random
 import signal
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .errors import LoadError, NotFound, ValueTooLarge
+from .errors import NotFound, PeerUnavailable, ValueTooLarge
 from .lru_index import encode_key
+from .peers import PeerError
 from .singleflight import Flights, HostFlights
 from .store import Store
 
@@ -27,30 +28,50 @@ _PR_SET_PDEATHSIG = 1
 
 class NoPeers:
     """The peer picker of a host alone: it owns every key (groupcache's NoPeers)."""
+    self_url = None
 
     def owner_of(self, key):
-        """The peer client that owns ``key``, or None when this host does."""
+        """The PeerClient of the key's owner, or None when this host loads it itself."""
         return None
+
+    def owner_url(self, key):
+        return None
+
+    def others(self):
+        return []
+
+    def stats(self):
+        return {}
+
+    def close(self):
+        pass
 
 
 class Node:
     """What a worker does for requests. Hits are answered from the arena inline; anything
     that may block runs on ``pool`` and is handed back as a Future."""
 
-    def __init__(self, store, groups, pool, peers=None, load_timeout=30.0):
+    def __init__(self, store, groups, pool, peers=None, load_timeout=30.0, hot_fraction=0.1):
         self.store = store
         self.groups = {group.name: group for group in groups}
         self.pool = pool
+        self.fanout = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fanout")
         self.peers = peers or NoPeers()
+        self.hot_fraction = hot_fraction
         self.flights = Flights()
         self.host_flights = HostFlights(store, load_timeout)
+
+    @property
+    def clustered(self):
+        """True when other hosts share the keyspace (writes then go to every host)."""
+        return bool(self.peers.others())
 
     def group(self, name):
         """The Group, or None if this host does not serve it."""
         return self.groups.get(name)
 
     def peek(self, group, key):
-        """(value, expiry) from shared memory, or None; never blocks."""
+        """(value, expiry, is_hot_copy) from shared memory, or None; never blocks."""
         return self.store.get_with_expiry(group, key)
 
     def get_future(self, group, key, from_peer=False):
@@ -59,15 +80,41 @@ class Node:
                                 lambda: self.pool.submit(self._get_slow, group, key, from_peer))
 
     def _get_slow(self, group, key, from_peer):
+        """Steps 2 and 3 of the Get path. Requests from peers are never forwarded again."""
         hit = self.store.get_with_expiry(group, key)
         if hit is not None:
-            return hit
+            return hit[0], hit[1]
         if not from_peer:
             owner = self.peers.owner_of(key)
             if owner is not None:
-                return owner.fetch(group, key)
-        value = self._load_locally(group, key)
-        return value, None
+                fetched = self._fetch_from_owner(owner, group, key)
+                if fetched is not None:
+                    return fetched
+        return self._load_locally(group, key), None
+
+    def _fetch_from_owner(self, owner, group, key):
+        """(value, expiry) from the owner; None to load locally instead (groupcache's
+        fallback) when the owner cannot be reached or fails. NotFound passes through."""
+        version = self.store.version(group, key)
+        try:
+            value, expiry = owner.fetch(group, key)
+        except PeerUnavailable as exc:
+            self.peers.health.failed(owner.url, str(exc))
+            return None
+        except PeerError as exc:
+            log.warning("peer error, loading %s/%s here: %s", group, key, exc)
+            self.peers.health.succeeded(owner.url)
+            return None
+        except NotFound:
+            self.peers.health.succeeded(owner.url)
+            raise
+        self.peers.health.succeeded(owner.url)
+        if self.hot_fraction and random.random() < self.hot_fraction:
+            try:
+                self.store.set_hot(group, key, value, expiry, version)
+            except ValueTooLarge:
+                pass
+        return value, expiry
 
     def _load_locally(self, group, key):
         """Host-wide singleflight: the getter runs once on this host however many ask."""
@@ -83,16 +130,73 @@ class Node:
             return value
         return self.host_flights.load(gid, encode_key(key), load_and_store)
 
+    # -- writes -------------------------------------------------------------------------------
+
     def set(self, group, key, value, ttl=None, expire_at=None):
+        """Store on this host only (the peer route's set)."""
         self.store.set(group, key, value, ttl=ttl, expire_at=expire_at)
 
     def delete(self, group, key):
+        """Remove on this host only (the peer route's delete)."""
         return self.store.delete(group, key)
+
+    def set_everywhere(self, group, key, value, ttl=None):
+        """mailgun's set: store on the owner, drop every other host's copy. A dict saying
+        where it went and which peers failed; ValueTooLarge before anything changes."""
+        if ttl is None:
+            ttl = self.groups[group].ttl
+        expire_at = time.time() + ttl if ttl else None
+        owner_url = self.peers.owner_url(key)
+        owner = self.peers.clients.get(owner_url) if owner_url else None
+        failed = {}
+        if owner is None:
+            self.store.set(group, key, value, expire_at=expire_at)
+        else:
+            self.store.check_fits(group, key, value)
+            try:
+                owner.store(group, key, value, expire_at)
+                self.store.delete(group, key)                # our own copy, if any
+            except (PeerUnavailable, PeerError) as exc:
+                failed[owner.url] = str(exc)
+                self.store.set(group, key, value, expire_at=expire_at)   # what fallback loads see
+        others = [peer for peer in self.peers.others() if peer is not owner]
+        failed.update(self._broadcast(others, "remove", group, key))
+        return {"stored": owner is None or owner.url not in failed,
+                "owner": owner_url or "self", "failed_peers": failed}
+
+    def delete_everywhere(self, group, key):
+        """mailgun's delete: remove on the owner, then on every other host."""
+        owner_url = self.peers.owner_url(key)
+        owner = self.peers.clients.get(owner_url) if owner_url else None
+        failed = {}
+        deleted = self.store.delete(group, key)
+        if owner is not None:
+            failed.update(self._broadcast([owner], "remove", group, key))
+        others = [peer for peer in self.peers.others() if peer is not owner]
+        failed.update(self._broadcast(others, "remove", group, key))
+        return {"deleted": deleted if owner is None else owner.url not in failed,
+                "failed_peers": failed}
+
+    def _broadcast(self, peers, method, group, key):
+        """Call ``method`` on every peer at once; {url: error} of those that failed."""
+        futures = {peer: self.fanout.submit(getattr(peer, method), group, key) for peer in peers}
+        failed = {}
+        for peer, future in futures.items():
+            try:
+                future.result()
+                self.peers.health.succeeded(peer.url)
+            except PeerUnavailable as exc:
+                failed[peer.url] = str(exc)
+                self.peers.health.failed(peer.url, str(exc))
+            except PeerError as exc:
+                failed[peer.url] = str(exc)
+        return failed
 
     def stats(self):
         stats = self.store.stats()
         stats["worker_pid"] = os.getpid()
         stats["loads_in_flight"] = len(self.flights)
+        stats["peers"] = self.peers.stats()
         return stats
 
 
@@ -117,6 +221,7 @@ class Worker:
         self.supervisor_pid = os.getpid()
         self.server = None
         self.node = None
+        self.reload_wanted = False
 
     def run(self):
         """Boot, serve until told to stop, exit. Never returns."""
@@ -128,7 +233,7 @@ class Worker:
             os._exit(WORKER_BOOT_ERROR)
         code = 0
         try:
-            self.server.serve(tick=self.check_supervisor, tick_interval=0.5)
+            self.server.serve(tick=self.tick, tick_interval=0.5)
         except Exception:
             log.exception("worker %d crashed", self.index)
             code = 1
@@ -164,7 +269,7 @@ class Worker:
         _die_with_parent()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(signum, self.handle_stop)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, self.handle_hup)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         groups = self.groups
         if self.app_factory is not None:   # per-process resources, made after fork
@@ -178,11 +283,36 @@ class Worker:
         store = Store.attach(config.name)
         pool = ThreadPoolExecutor(max_workers=config.threads,
                                   thread_name_prefix=f"worker{self.index}")
-        node = self.node = Node(store, groups, pool, load_timeout=config.load_timeout)
+        peers = None
+        if config.peers or config.peers_file:
+            from .peers import Peers, load_peer_list
+            peers = Peers(config.self_url, load_peer_list(config.peers, config.peers_file),
+                          store, base_path=config.base_path,
+                          connect_timeout=config.peer_connect_timeout,
+                          read_timeout=config.peer_timeout)
+        node = self.node = Node(store, groups, pool, peers=peers, load_timeout=config.load_timeout,
+                                hot_fraction=config.hot_fraction)
         front = Front(node, base_path=config.base_path)
         limits = Limits(max_body=store.arena.layout.max_item_size + 4096)
         self.server = HttpServer(self.listener, front.handle, limits)
         log.info("worker %d (pid %d) serving", self.index, os.getpid())
+
+    def handle_hup(self, signum, frame):
+        self.reload_wanted = True                 # done in the loop's tick, not here
+
+    def reload_peers(self):
+        from .peers import load_peer_list
+        self.reload_wanted = False
+        config, peers = self.config, self.node.peers
+        if not config.peers_file or not hasattr(peers, "update"):
+            return
+        try:
+            urls = load_peer_list(config.peers, config.peers_file)
+        except (OSError, ValueError) as exc:
+            log.error("worker %d: keeping the old peers: %s", self.index, exc)
+            return
+        peers.update(urls)
+        log.info("worker %d: %d peers", self.index, len(peers.ring))
 
     def handle_stop(self, signum, frame):
         if self.server is not None:
@@ -190,8 +320,10 @@ class Worker:
         else:
             os._exit(0)
 
-    def check_supervisor(self):
-        """Every tick: if the supervisor is gone, stop (no orphans)."""
+    def tick(self):
+        """Every half second: reload peers if asked; stop if the supervisor is gone."""
+        if self.reload_wanted:
+            self.reload_peers()
         if os.getppid() != self.supervisor_pid:
             log.warning("worker %d: supervisor %d is gone; stopping", self.index,
                         self.supervisor_pid)
@@ -203,5 +335,5 @@ def _die_with_parent():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):       # not fatal: check_supervisor polls as well
+    except (OSError, AttributeError):       # not fatal: tick() polls as well
         pass

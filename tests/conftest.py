@@ -139,12 +139,19 @@ class Supervised:
         self.port = port or free_port()
         self.name = name or f"{SEGMENT_PREFIX}{uuid.uuid4().hex[:8]}"
         self.dir = tmp_path
+        self.extra_args, self.extra_env = list(args), env
         self.args = ["--port", str(self.port), "--name", self.name, "--memory", "32MiB",
                      "--max-item-size", "256KiB", *map(str, args)]
         self.env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests"),
                     "KCACHE_TEST_DIR": str(tmp_path), **(env or {})}
         self.proc = None
         self.log_path = tmp_path / f"supervisor-{self.port}.log"
+
+    def clone(self):
+        """A new, unstarted supervisor with the same options, port and segment name."""
+        twin = Supervised(self.dir, self.extra_args, self.extra_env, port=self.port, name=self.name)
+        twin.url = getattr(self, "url", None)
+        return twin
 
     def start(self, wait=True, timeout=60):
         self._log = open(self.log_path, "ab")
@@ -207,12 +214,17 @@ class Supervised:
         return self.proc.wait(timeout=timeout)
 
     def calls(self):
-        """Getter calls the counting app recorded: list of (pid, key)."""
+        """Getter calls the counting app recorded (by any host sharing the directory):
+        list of (pid, key)."""
+        return [(pid, key) for pid, _host, key in self.calls_with_hosts()]
+
+    def calls_with_hosts(self):
+        """list of (pid, host, key); host is the KCACHE_TEST_HOST of the recording host."""
         try:
             lines = (self.dir / "calls.log").read_text().splitlines()
         except FileNotFoundError:
             return []
-        return [tuple(line.split(" ", 1)) for line in lines]
+        return [tuple(line.split("\t", 2)) for line in lines]
 
     def cleanup(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -241,6 +253,34 @@ def supervised(tmp_path):
         instance = Supervised(tmp_path, args, env, **kwargs)
         made.append(instance)
         return instance.start(wait=wait)
+
+    yield start
+    for instance in made:
+        instance.cleanup()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """cluster(count, args, env) -> [Supervised, ...], each listing all as --peers (or what
+    ``peer_lists(urls)`` gives each); they share tmp_path, so the counting app's calls.log
+    covers the whole cluster (host = its URL)."""
+    made = []
+
+    def start(count=3, args=(), env=None, peer_lists=None):
+        ports = [free_port() for _ in range(count)]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        hosts = []
+        lists = peer_lists(urls) if peer_lists else [urls] * count
+        for index, port in enumerate(ports):
+            peer_urls = lists[index]
+            instance = Supervised(tmp_path, [*args, "--peers", ",".join(peer_urls)],
+                                  {**(env or {}), "KCACHE_TEST_HOST": urls[index]}, port=port)
+            instance.url = urls[index]
+            made.append(instance)
+            hosts.append(instance.start(wait=False))
+        for instance in hosts:
+            instance.wait_ready()
+        return hosts
 
     yield start
     for instance in made:

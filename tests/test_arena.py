@@ -104,7 +104,7 @@ def test_layout_limits(memory, max_item, message):
 def test_layout_regions_are_ordered_and_aligned():
     lay = Layout.plan(64 << 20, 1 << 20)
     offsets = [lay.log_off, lay.groups_off, lay.classes_off, lay.stripes_off, lay.inflight_off,
-               lay.counters_off, lay.pagemeta_off, lay.refbits_off, lay.buckets_off, lay.pages_off]
+               lay.counters_off, lay.peers_off, lay.pagemeta_off, lay.refbits_off, lay.buckets_off, lay.pages_off]
     assert offsets == sorted(offsets) and all(offset % 8 == 0 for offset in offsets)
     assert lay.pages_off % 4096 == 0
     assert lay.pages_off + lay.npages * lay.page_size <= lay.total_size

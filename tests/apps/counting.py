@@ -18,8 +18,10 @@ DIRECTORY = os.environ.get("KCACHE_TEST_DIR", "/tmp")
 
 
 def record(key):
+    """One line per call: pid, host (KCACHE_TEST_HOST), key, tab-separated."""
+    host = os.environ.get("KCACHE_TEST_HOST", "")
     with open(os.path.join(DIRECTORY, "calls.log"), "a") as log:
-        log.write(f"{os.getpid()} {key}\n")
+        log.write(f"{os.getpid()}\t{host}\t{key}\n")
 
 
 def load(key):
