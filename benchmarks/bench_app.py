@@ -10,3 +10,11 @@ def load(key):
 
 
 groups = [Group("bench", 64 << 20, load)]
+
+
+def soak_load(key):
+    """Values the soak test can verify: the key, padded to VALUE_SIZE."""
+    return (f"value-of-{key}|".encode() * VALUE_SIZE)[:VALUE_SIZE]
+
+
+soak_groups = [Group("soak", 16 << 20, soak_load, ttl=120)]

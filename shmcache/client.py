@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from .arena import _OFFSET_PEER_COUNT
 from .errors import InvalidKey, LoadError, NotFound, PeerUnavailable, ValueTooLarge
+from .metrics import MISSES
 from .store import Store, encode_value
 
 DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
@@ -34,10 +35,11 @@ class Client:
     _store = None
     owner = False
 
-    def __init__(self, store, owner=False, timeout=DEFAULT_TIMEOUT):
+    def __init__(self, store, owner=False, timeout=DEFAULT_TIMEOUT, token=None):
         self._store = store
         self.owner = owner
         self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.peek = store.get          # the hit path: one call, no wrapper
         self._local = threading.local()  # per thread: (pid, HTTPConnection) to the front
 
@@ -55,6 +57,8 @@ class Client:
         value = self.peek(group, key)
         if value is not None:
             return value
+        # The front counts this get again when it answers: count it once.
+        self._store.counters.add(self._store.group_id(group), MISSES, -1)
         return self._fetch(group, key)
 
     def set(self, group, key, value, ttl=None):
@@ -141,6 +145,9 @@ class Client:
             raise NotFound(reason)
         if status in (502, 503):
             raise PeerUnavailable(reason)
+        if status == 401:
+            raise PeerUnavailable(f"the front wants a token (connect(token=...) or "
+                                  f"$SHMCACHE_TOKEN): {reason}")
         raise LoadError(f"{status}: {reason}")
 
     def _front_request(self, method, group, key, body=None, query=""):
@@ -154,7 +161,7 @@ class Client:
         for attempt in (1, 2):                      # a kept-alive connection may have closed
             connection = self._connection()
             try:
-                connection.request(method, path, body=body)
+                connection.request(method, path, body=body, headers=self._headers)
                 response = connection.getresponse()
                 return response.status, response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
@@ -168,9 +175,12 @@ class Client:
                 raise PeerUnavailable(f"cannot reach the front of {self.name!r}: {exc}") from None
 
 
-def connect(port=None, *, name=None, timeout=DEFAULT_TIMEOUT):
-    """Attach to the segment of the supervisor on ``port`` (or the segment ``name``)."""
-    return Client(Store.attach(segment_name(port, name)), timeout=timeout)
+def connect(port=None, *, name=None, timeout=DEFAULT_TIMEOUT, token=None):
+    """Attach to the segment of the supervisor on ``port`` (or the segment ``name``).
+    ``token`` (default $SHMCACHE_TOKEN) is sent to the front when it has one."""
+    store = Store.attach(segment_name(port, name))
+    store.start_counting()
+    return Client(store, timeout=timeout, token=token or os.environ.get("SHMCACHE_TOKEN"))
 
 
 def create(name, memory="64MiB", *, max_item_size="1MiB", max_groups=64):

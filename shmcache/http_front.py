@@ -15,6 +15,7 @@ decoded here with ``unquote`` (never ``unquote_plus``); the key may contain ``/`
 Every error is a short text body with a 4xx/5xx status; a worker never sends a traceback.
 """
 
+import hmac
 import json
 import logging
 import math
@@ -26,11 +27,15 @@ from urllib.parse import parse_qs, unquote
 from . import kcachepb_pb2 as pb
 from .errors import InvalidKey, LoadError, NotFound, PeerUnavailable, UnknownGroup, ValueTooLarge
 from .httpserver import error, render
+from .arena import MAX_KEY_BYTES
+from .group import GROUP_NAME
 from .lru_index import encode_key
+from .metrics import SERVER_REQUESTS, prometheus_text
 
 log = logging.getLogger("shmcache")
 
 OCTETS = b"application/octet-stream"
+METRICS = b"text/plain; version=0.0.4; charset=utf-8"
 PROTOBUF = b"application/x-protobuf"
 JSON = b"application/json"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -115,13 +120,20 @@ def then(future, transform):
 class Front:
     """Routes requests to a ``Node``."""
 
-    def __init__(self, node, base_path="/_kcache/"):
+    def __init__(self, node, base_path="/_kcache/", token=None, token_reads=False,
+                 max_key_bytes=MAX_KEY_BYTES):
         self.node = node
         self.base_path = "/" + base_path.strip("/") + "/"
+        self.token = token.encode() if token else None
+        self.token_reads = token_reads
+        self.max_key_bytes = max_key_bytes
 
     def handle(self, request):
         path = request.path
         try:
+            if self.token is not None and self._needs_token(request) and not self._authorized(request):
+                return error(401, "missing or wrong bearer token",
+                             headers=[("WWW-Authenticate", 'Bearer realm="shmcache"')])
             if path.startswith("/cache/"):
                 return self._user(request, path[7:])
             if path.startswith(self.base_path):
@@ -129,11 +141,30 @@ class Front:
             if path == "/healthz":
                 return self._only(request, ("GET", "HEAD")) or render(200, "ok\n", head=request.method == "HEAD")
             if path == "/stats":
-                return self._only(request, ("GET",)) or render(
-                    200, json.dumps(self.node.stats(), indent=1), content_type=JSON)
+                return self._only(request, ("GET",)) or then(
+                    self.node.pool.submit(self.node.stats),
+                    lambda done: render(200, json.dumps(done.result(), indent=1), content_type=JSON))
+            if path == "/metrics":
+                return self._only(request, ("GET",)) or then(
+                    self.node.pool.submit(self.node.stats),
+                    lambda done: render(200, prometheus_text(done.result()), content_type=METRICS))
             return error(404, f"no route for {path[:100]}")
         except BadPath as exc:
             return error(400, str(exc))
+
+    def _needs_token(self, request):
+        """Writes and the peer route always; reads of /cache/, /stats, /metrics with
+        --token-reads; /healthz never."""
+        path = request.path
+        if path.startswith(self.base_path):
+            return True
+        if path.startswith("/cache/") and request.method not in ("GET", "HEAD"):
+            return True
+        return self.token_reads and path != "/healthz"
+
+    def _authorized(self, request):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token)
 
     @staticmethod
     def _only(request, methods):
@@ -144,10 +175,13 @@ class Front:
 
     def _resolve(self, rest):
         group, key = split_group_key(rest)
+        if not GROUP_NAME.fullmatch(group):
+            raise _Answer(error(400, "bad group name: 1 to 64 of letters, digits, '_', '.', '-'"))
         if self.node.group(group) is None:
-            raise _Answer(error(404, f"unknown group {group[:80]!r}"))
+            raise _Answer(error(404, f"unknown group {group!r}"))
         try:
-            encode_key(key)
+            if len(encode_key(key)) > self.max_key_bytes:
+                raise InvalidKey(f"key must be 1 to {self.max_key_bytes} bytes")
         except InvalidKey as exc:
             raise _Answer(error(400, str(exc))) from None
         return group, key
@@ -247,6 +281,7 @@ class Front:
             return answer.response
         node = self.node
         if method == "GET":
+            node.store.count(group, SERVER_REQUESTS)
             hit = node.peek(group, key)
             if hit is not None:
                 return render(200, encode_get_response(hit[0], hit[1]), content_type=PROTOBUF)

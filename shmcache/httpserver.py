@@ -414,10 +414,8 @@ class HttpServer:
         if len(parts) != 3 or not parts[0] or not _METHOD_CHARS.issuperset(parts[0]):
             raise _BadRequest(400, "malformed request line")
         method, target, version = parts
-        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-            if not version.startswith(b"HTTP/"):
-                raise _BadRequest(400, "malformed request line")
-            raise _BadRequest(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):       # 400, not 505: bad input never
+            raise _BadRequest(400, "only HTTP/1.0 and HTTP/1.1 are served")   # gets a 5xx
         if len(lines) - 1 > limits.max_headers:
             raise _BadRequest(431, "too many header fields")
         headers = {}
@@ -436,7 +434,7 @@ class HttpServer:
                 value = headers[name] + ", " + value
             headers[name] = value
         if "transfer-encoding" in headers:
-            raise _BadRequest(501, "chunked transfer encoding is not supported: send Content-Length")
+            raise _BadRequest(411, "chunked transfer encoding is not supported: send Content-Length")
         length_text = headers.get("content-length")
         length = 0
         if length_text is not None:

@@ -136,14 +136,15 @@ class Index:
 
     # -- readers (no lock) ------------------------------------------------------------------
 
-    def make_reader(self, group_ids, resolve_group, locked_lookup, with_expiry=False):
+    def make_reader(self, group_ids, resolve_group, locked_lookup, counts, with_expiry=False):
         """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
         costs about a microsecond of Python, so every constant is a local and there is no
         inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it or
         raises; ``locked_lookup(gid, key)`` reads under the write lock when no consistent
         lock-free read is possible (a writer busy or dead on the key's stripe, or a chain
-        longer than MAX_CHAIN). ``with_expiry``: return (value, expiry Unix time or None,
-        whether it is a hot copy) instead of the value."""
+        longer than MAX_CHAIN). ``counts`` is the process's counter list (metrics.py): hits,
+        misses and hot-copy hits are counted there. ``with_expiry``: return (value, expiry
+        Unix time or None, whether it is a hot copy) instead of the value."""
         buf, seeds, nbuckets, nstripes = self.buf, self.seeds, self.nbuckets, self.nstripes
         stripes_off, buckets_off, refbits_off = self.stripes_off, self.buckets_off, self.refbits_off
         low = self.pages_off
@@ -193,18 +194,25 @@ class Index:
                 if not found:
                     if hops == MAX_CHAIN:
                         break
+                    counts[gid << 4 | 1] += 1            # metrics.MISSES
                     return None
                 if seconds and seconds + frac * _FRACTION <= now():
+                    counts[gid << 4 | 1] += 1
                     return None
                 bit = (found - low) >> 5                # REFBIT_GRANULE = 32
                 byte_off = refbits_off + (bit >> 3)
                 mask = 1 << (bit & 7)
                 if not buf[byte_off] & mask:            # write only when it changes: hot
                     buf[byte_off] |= mask               # items stay read-only cache lines
+                counts[gid << 4] += 1                   # metrics.HITS
+                if state == 3:
+                    counts[gid << 4 | 2] += 1           # metrics.HOT_HITS
                 if with_expiry:
                     return value, (seconds + frac * _FRACTION if seconds else None), state == 3
                 return value
-            return locked_lookup(gid, key, with_expiry)
+            found = locked_lookup(gid, key, with_expiry)
+            counts[gid << 4 | (found is None)] += 1     # HITS or MISSES
+            return found
         return get
 
     def lookup_locked(self, gid, key, now, with_expiry=False):

@@ -22,6 +22,7 @@ from .errors import UnknownGroup, ValueTooLarge
 from .journal import Journal
 from .locks import LockFile
 from .lru_index import Index, encode_key
+from .metrics import Counters
 from .slabs import STATE_HOT, Slabs
 from .units import parse_size
 
@@ -55,6 +56,7 @@ class Store:
     """One process's handle on an arena. Thread-safe; re-opens its lock descriptor after fork."""
     arena = None
     lock_file = None
+    counters = None
 
     def __init__(self, arena):
         self.arena = arena
@@ -66,11 +68,17 @@ class Store:
         self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE)
         self._group_ids = {}           # name -> id; ids never change once defined
         self._group_ttls = {}
+        self.counters = Counters(self)
         # get(group, key) -> bytes | None: lock-free, one closure (see Index.make_reader);
-        # get_with_expiry(group, key) -> (bytes, expiry Unix time | None) | None.
-        self.get = self.index.make_reader(self._group_ids, self.group_id, self._locked_get)
+        # get_with_expiry(group, key) -> (bytes, expiry Unix time | None, hot) | None.
+        counts = self.counters.values
+        self.get = self.index.make_reader(self._group_ids, self.group_id, self._locked_get,
+                                          counts)
         self.get_with_expiry = self.index.make_reader(self._group_ids, self.group_id,
-                                                      self._locked_get, with_expiry=True)
+                                                      self._locked_get, counts, with_expiry=True)
+        # The same, uncounted: a second look inside one get must not count as another get.
+        self.recheck = self.index.make_reader(self._group_ids, self.group_id, self._locked_get,
+                                              [0] * len(counts), with_expiry=True)
 
     @classmethod
     def create(cls, name, memory, max_item_size=1 << 20, max_groups=64, before_publish=None):
@@ -99,6 +107,9 @@ class Store:
 
     def close(self):
         """Detach. Idempotent; the segment stays."""
+        if self.counters is not None and self.buf is not None:
+            self.counters.stop()
+            self.counters.release()
         if self.lock_file is not None:
             self.lock_file.close()
             self.lock_file = None
@@ -137,6 +148,15 @@ class Store:
 
     def _locked_get(self, gid, key, with_expiry):
         return self.locked(self.index.lookup_locked, gid, key, time.time(), with_expiry)
+
+    def count(self, group, kind, amount=1):
+        """Add to one of this process's counters for ``group`` (metrics.KINDS)."""
+        self.counters.add(self.group_id(group), kind, amount)
+
+    def start_counting(self, role=0):
+        """Publish this process's counters in the arena (role: 0 client, N worker N)."""
+        self.counters.role = role
+        self.counters.start()
 
     def set(self, group, key, value, ttl=None, expire_at=None):
         """Store ``value`` for ``ttl`` seconds (default: the group's TTL), or until the Unix

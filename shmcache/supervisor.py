@@ -60,6 +60,12 @@ class Config:
     hot_fraction: float = 0.1
     peer_timeout: float = 10.0
     peer_connect_timeout: float = 0.5
+    token: str = None
+    token_reads: bool = False
+    max_key_bytes: int = 250
+    access_log: bool = False
+    request_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
 
     def __post_init__(self):
         if self.name is None:
@@ -102,6 +108,17 @@ def parse_args(argv=None):
         help="seconds to wait for a peer's answer (default 10)")
     add("--peer-connect-timeout", type=float, default=0.5,
         help="seconds to wait for a peer's connection (default 0.5)")
+    add("--token", default=os.environ.get("SHMCACHE_TOKEN") or None,
+        help="require 'Authorization: Bearer TOKEN' on writes and the peer route, and send it "
+             "to peers (default: $SHMCACHE_TOKEN)")
+    add("--token-reads", action="store_true",
+        help="require the token on /cache/ reads, /stats and /metrics too")
+    add("--max-key-bytes", type=int, default=250, help="longest key accepted (default 250)")
+    add("--access-log", action="store_true", help="log one line per request")
+    add("--request-timeout", type=float, default=10.0,
+        help="seconds a client may take to send a request's headers (default 10)")
+    add("--keepalive-timeout", type=float, default=75.0,
+        help="seconds an idle keep-alive connection is kept (default 75)")
     args = parser.parse_args(argv)
     try:
         memory, max_item = parse_size(args.memory), parse_size(args.max_item_size)
@@ -115,6 +132,12 @@ def parse_args(argv=None):
         parser.error("--base-path must name a path, such as /_kcache/")
     if not 0 <= args.hot_fraction <= 1:
         parser.error("--hot-fraction must be between 0 and 1")
+    if not 1 <= args.max_key_bytes <= 250:
+        parser.error("--max-key-bytes must be 1..250")
+    if args.token_reads and not args.token:
+        parser.error("--token-reads needs --token (or $SHMCACHE_TOKEN)")
+    if args.token is not None and (not args.token.strip() or any(c.isspace() for c in args.token)):
+        parser.error("--token must be a non-empty word without spaces")
     static = tuple(part for part in args.peers.split(",") if part.strip())
     try:
         load_peer_list(static, args.peers_file)
@@ -126,7 +149,9 @@ def parse_args(argv=None):
                   args.name, args.base_path, args.threads, args.load_timeout,
                   args.graceful_timeout, args.unlink_on_stop, args.log_level, static,
                   args.peers_file, args.self_url and normalize_url(args.self_url),
-                  args.hot_fraction, args.peer_timeout, args.peer_connect_timeout)
+                  args.hot_fraction, args.peer_timeout, args.peer_connect_timeout, args.token,
+                  args.token_reads, args.max_key_bytes, args.access_log, args.request_timeout,
+                  args.keepalive_timeout)
 
 
 class Supervisor:

@@ -14,8 +14,12 @@ import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import psutil
+
 from .errors import NotFound, PeerUnavailable, ValueTooLarge
 from .lru_index import encode_key
+from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER_ERRORS,
+                      PEER_LOADS, processes, totals)
 from .peers import PeerError
 from .singleflight import Flights, HostFlights
 from .store import Store
@@ -76,12 +80,14 @@ class Node:
 
     def get_future(self, group, key, from_peer=False):
         """Future of (value, expiry) for a missed key: one per key per process at a time."""
+        self.store.count(group, LOADS)
         return self.flights.run((group, key, from_peer),
                                 lambda: self.pool.submit(self._get_slow, group, key, from_peer))
 
     def _get_slow(self, group, key, from_peer):
         """Steps 2 and 3 of the Get path. Requests from peers are never forwarded again."""
-        hit = self.store.get_with_expiry(group, key)
+        self.store.count(group, LOADS_DEDUPED)
+        hit = self.store.recheck(group, key)
         if hit is not None:
             return hit[0], hit[1]
         if not from_peer:
@@ -99,15 +105,18 @@ class Node:
         try:
             value, expiry = owner.fetch(group, key)
         except PeerUnavailable as exc:
+            self.store.count(group, PEER_ERRORS)
             self.peers.health.failed(owner.url, str(exc))
             return None
         except PeerError as exc:
+            self.store.count(group, PEER_ERRORS)
             log.warning("peer error, loading %s/%s here: %s", group, key, exc)
             self.peers.health.succeeded(owner.url)
             return None
         except NotFound:
             self.peers.health.succeeded(owner.url)
             raise
+        self.store.count(group, PEER_LOADS)
         self.peers.health.succeeded(owner.url)
         if self.hot_fraction and random.random() < self.hot_fraction:
             try:
@@ -122,7 +131,15 @@ class Node:
         gid = self.store.group_id(group)
 
         def load_and_store():
-            value = target.load(key)
+            try:
+                value = target.load(key)
+            except NotFound:
+                self.store.count(group, LOCAL_LOADS)      # the getter answered: "no such key"
+                raise
+            except Exception:
+                self.store.count(group, LOCAL_LOAD_ERRORS)
+                raise
+            self.store.count(group, LOCAL_LOADS)
             try:
                 self.store.set(group, key, value)          # the group's TTL applies
             except ValueTooLarge as exc:
@@ -193,11 +210,41 @@ class Node:
         return failed
 
     def stats(self):
+        """The host's figures: the segment, every group (its counters summed over all the
+        host's processes), the workers' memory and CPU, and peer health."""
+        self.store.counters.flush()
         stats = self.store.stats()
+        counted = totals(self.store)
+        for info in stats["groups"].values():
+            counts = counted[info["id"]]
+            info.update(counts)
+            info["gets"] = counts["hits"] + counts["misses"]
+        workers, clients = [], 0
+        for pid, role in processes(self.store):
+            if not role:
+                clients += 1
+                continue
+            try:
+                process = psutil.Process(pid)
+                cpu = process.cpu_times()
+                workers.append({"worker": role, "pid": pid, "rss_bytes": process.memory_info().rss,
+                                "cpu_seconds": cpu.user + cpu.system})
+            except psutil.Error:
+                continue
+        stats["workers"] = sorted(workers, key=lambda worker: worker["worker"])
+        stats["clients"] = clients
         stats["worker_pid"] = os.getpid()
         stats["loads_in_flight"] = len(self.flights)
+        stats["self"] = self.peers.self_url
         stats["peers"] = self.peers.stats()
         return stats
+
+    def close(self):
+        """Publish the last counts and stop background threads (the worker is exiting)."""
+        self.store.counters.stop()
+        self.store.counters.release()
+        self.fanout.shutdown(wait=False)
+        self.peers.close()
 
 
 def done_future(result=None, exception=None):
@@ -238,6 +285,7 @@ class Worker:
             log.exception("worker %d crashed", self.index)
             code = 1
         log.info("worker %d (pid %d) stopped", self.index, os.getpid())
+        self.node.close()
         if os.getppid() != self.supervisor_pid:
             self.remove_orphaned_segment()
         logging.shutdown()
@@ -281,6 +329,7 @@ class Worker:
                                    "the supervisor")
         config = self.config
         store = Store.attach(config.name)
+        store.start_counting(role=self.index)
         pool = ThreadPoolExecutor(max_workers=config.threads,
                                   thread_name_prefix=f"worker{self.index}")
         peers = None
@@ -289,12 +338,16 @@ class Worker:
             peers = Peers(config.self_url, load_peer_list(config.peers, config.peers_file),
                           store, base_path=config.base_path,
                           connect_timeout=config.peer_connect_timeout,
-                          read_timeout=config.peer_timeout)
+                          read_timeout=config.peer_timeout, token=config.token)
         node = self.node = Node(store, groups, pool, peers=peers, load_timeout=config.load_timeout,
                                 hot_fraction=config.hot_fraction)
-        front = Front(node, base_path=config.base_path)
-        limits = Limits(max_body=store.arena.layout.max_item_size + 4096)
-        self.server = HttpServer(self.listener, front.handle, limits)
+        front = Front(node, base_path=config.base_path, token=config.token,
+                      token_reads=config.token_reads, max_key_bytes=config.max_key_bytes)
+        limits = Limits(max_body=store.arena.layout.max_item_size + 4096,
+                        header_timeout=config.request_timeout,
+                        idle_timeout=config.keepalive_timeout)
+        handle = access_logged(front.handle) if config.access_log else front.handle
+        self.server = HttpServer(self.listener, handle, limits)
         log.info("worker %d (pid %d) serving", self.index, os.getpid())
 
     def handle_hup(self, signum, frame):
@@ -328,6 +381,26 @@ class Worker:
             log.warning("worker %d: supervisor %d is gone; stopping", self.index,
                         self.supervisor_pid)
             self.server.stop()
+
+
+def access_logged(handle):
+    """``handle`` that also logs one line per request to the logger shmcache.access."""
+    access = logging.getLogger("shmcache.access")
+
+    def logged(request):
+        started = time.monotonic()
+        response = handle(request)
+
+        def line(data):
+            access.info("%s %s %s %s %d %.1fms", request.peer[0] if request.peer else "-",
+                        request.method, request.target[:200], data[9:12].decode(errors="replace"),
+                        len(data), (time.monotonic() - started) * 1000)
+        if isinstance(response, (bytes, bytearray)):
+            line(response)
+        else:
+            response.add_done_callback(lambda done: line(done.result()) if not done.exception() else None)
+        return response
+    return logged
 
 
 def _die_with_parent():

@@ -190,10 +190,10 @@ BAD_REQUESTS = [
      413, b"max item size"),
     (b"PUT /cache/test/k HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n" + b"x" * 900000,
      413, b"exceeds the limit"),
-    (b"PUT /cache/test/k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 501, b"chunked"),
+    (b"PUT /cache/test/k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 411, b"chunked"),
     (b"PUT /cache/test/k HTTP/1.1\r\nContent-Length: x1\r\n\r\n", 400, b"Content-Length"),
     (b"GARBAGE\r\n\r\n", 400, b"malformed request line"),
-    (b"GET /x HTTP/2.0\r\n\r\n", 505, b"HTTP/1.0 and HTTP/1.1"),
+    (b"GET /x HTTP/2.0\r\n\r\n", 400, b"HTTP/1.0 and HTTP/1.1"),
     (b"GET nopath HTTP/1.1\r\n\r\n", 400, b"must be a path"),
     (b"GET /healthz HTTP/1.1\r\nbad header line\r\n\r\n", 400, b"malformed header"),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414, b"too long"),
@@ -241,3 +241,12 @@ def test_expect_100_continue_and_keep_alive(server):
 def test_http_1_0_closes_unless_keep_alive(server):
     response = raw(server.port, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert status_of(response) == 200 and b"Connection: close" in response
+
+
+def test_max_key_bytes_and_group_name_charset(supervised):
+    host = supervised(["--workers", "1", "--max-key-bytes", "10"])
+    assert host.get("scores", "Tom")[:2] == (200, b"630")
+    status, body, _ = host.get("scores", "k" * 11)
+    assert status == 400 and b"1 to 10 bytes" in body
+    status, body, _ = host.request("GET", "/cache/bad%20group/k")
+    assert status == 400 and b"bad group name" in body
