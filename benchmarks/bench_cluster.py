@@ -19,50 +19,24 @@ import os
 import re
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
+from harness import free_port, start_supervisor  # noqa: E402
 from shmcache.ring import VNODES, Ring  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_cluster(count=3, workers=4, hot_fraction=1.0):
     ports = [free_port() for _ in range(count)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..") + os.pathsep + HERE}
-    procs = []
-    for port in ports:
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "shmcache.supervisor", "--workers", str(workers),
-             "--port", str(port), "--name", f"kcache-bench-{uuid.uuid4().hex[:8]}",
-             "--memory", "64MiB", "--app", "bench_app:groups", "--peers", ",".join(urls),
-             "--hot-fraction", str(hot_fraction), "--unlink-on-stop", "--log-level", "warning"],
-            env=env))
-    for port in ports:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                connection.request("GET", "/healthz")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
+    procs = [start_supervisor("bench_app:groups", workers, port=port,
+                              extra=["--peers", ",".join(urls), "--hot-fraction", str(hot_fraction)])[0]
+             for port in ports]
     return procs, ports, urls
 
 

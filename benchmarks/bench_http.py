@@ -16,53 +16,26 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import http.client
 import uuid
+import http.client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
+import harness  # noqa: E402
 import shmcache  # noqa: E402
 from bench_app import VALUE_SIZE, load  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(port, path, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", path)
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing answers on port {port}")
+from harness import free_port, wait_http  # noqa: E402
 
 
 def start_supervisor(workers):
-    port = free_port()
-    name = f"kcache-bench-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..") + os.pathsep + HERE}
-    proc = subprocess.Popen([sys.executable, "-m", "shmcache.supervisor", "--workers", str(workers),
-                             "--port", str(port), "--name", name, "--memory", "64MiB",
-                             "--app", "bench_app:groups", "--unlink-on-stop",
-                             "--log-level", "warning"], env=env)
-    wait_http(port, "/healthz")
-    return proc, port, name
+    return harness.start_supervisor("bench_app:groups", workers=workers)
 
 
 def start_nginx(tmp):

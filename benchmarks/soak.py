@@ -15,12 +15,9 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-import uuid
 import zlib
 
 import psutil
@@ -30,6 +27,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import shmcache  # noqa: E402
 from bench_app import soak_load  # noqa: E402
+from harness import start_supervisor  # noqa: E402
 
 KEYS = 5000
 
@@ -119,25 +117,7 @@ def main():
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--kill-every", type=float, default=20)
     args = parser.parse_args()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    name = f"kcache-soak-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..") + os.pathsep + HERE}
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "shmcache.supervisor", "--workers", "4", "--port", str(port),
-         "--name", name, "--memory", "64MiB", "--app", "bench_app:soak_groups",
-         "--unlink-on-stop", "--log-level", "warning"], env=env)
-    deadline_ready = time.monotonic() + 60
-    while True:
-        try:
-            http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/healthz")
-            break
-        except OSError:
-            if time.monotonic() > deadline_ready:
-                raise
-            time.sleep(0.1)
-    time.sleep(1)
+    supervisor, port, name = start_supervisor("bench_app:soak_groups")
     start = time.time()
     deadline = start + args.minutes * 60
     context = multiprocessing.get_context("fork")

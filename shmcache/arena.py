@@ -14,7 +14,7 @@ Region map (offsets from the segment start; each region 8-byte aligned; native x
     classes     classes_off   MAX_CLASSES * 32             slabs.py
     stripes     stripes_off   nstripes * 4                 lru_index.py (seqlock counters)
     inflight    inflight_off  INFLIGHT_SLOTS * 512         singleflight.py
-    counters    counters_off  COUNTER_SLOTS * slot bytes   metrics.py
+    counters    counters_off  COUNTER_SLOTS * (64 + 128 * max_groups)   metrics.py
     peers       peers_off     PEER_SLOTS * 32              peers.py (peer health)
     page table  pagemeta_off  npages * 32                  slabs.py
     ref bits    refbits_off   page bytes / 256             lru_index.py (CLOCK reference bits)
@@ -73,7 +73,13 @@ REFBIT_GRANULE = 32                  # one CLOCK bit per 32 bytes of pages (= sm
 INFLIGHT_SLOTS = 256                 # concurrent cold loads tracked host-wide
 INFLIGHT_SLOT_BYTES = 512
 COUNTER_SLOTS = 128                  # processes that keep per-process counters
-COUNTER_SLOT_BYTES = 64 + DEFAULT_MAX_GROUPS * 16 * 8
+
+
+def counter_slot_bytes(max_groups):
+    """A counter slot: 64 bytes of header, then 16 u64 counters per group (metrics.py)."""
+    return 64 + max_groups * 16 * 8
+
+
 PEER_SLOTS = 1024                    # peers whose health the host's workers share
 PEER_SLOT_BYTES = 32
 
@@ -159,7 +165,7 @@ class Layout:
         classes_off, offset = offset, offset + MAX_CLASSES * CLASS_RECORD_BYTES
         stripes_off, offset = offset, offset + NSTRIPES * 4
         inflight_off, offset = offset, offset + INFLIGHT_SLOTS * INFLIGHT_SLOT_BYTES
-        counters_off, offset = offset, offset + COUNTER_SLOTS * COUNTER_SLOT_BYTES
+        counters_off, offset = offset, offset + COUNTER_SLOTS * counter_slot_bytes(max_groups)
         peers_off, offset = offset, offset + PEER_SLOTS * PEER_SLOT_BYTES
         fixed = offset
         if npages is None:

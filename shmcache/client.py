@@ -2,7 +2,7 @@
 
 Hits are read straight from shared memory. A miss goes to the host's HTTP front (the
 address its supervisor wrote into the segment), which loads it once for the whole host.
-Only the standard library is imported here, so attaching stays cheap.
+Nothing heavy is imported here (no requests, no protobuf), so attaching stays cheap.
 """
 
 import http.client
@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 from .arena import _OFFSET_PEER_COUNT
 from .errors import InvalidKey, LoadError, NotFound, PeerUnavailable, ValueTooLarge
-from .metrics import MISSES
-from .store import Store, encode_value
+from .metrics import MISSES, host_stats
+from .store import Store, check_ttl, encode_value
 
 DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
 
@@ -68,7 +68,7 @@ class Client:
             self._store.set(group, key, value, ttl)
             return
         self._store.check_fits(group, key, value)
-        query = f"?ttl={ttl!r}" if ttl is not None else ""
+        query = f"?ttl={check_ttl(ttl)!r}" if ttl is not None else ""
         self._cluster_write("PUT", group, key, encode_value(value), query)
 
     def delete(self, group, key):
@@ -98,7 +98,8 @@ class Client:
         self._store.define_group(name, cache_bytes, ttl)
 
     def stats(self):
-        return self._store.stats()
+        """The segment's figures, each group's counters summed over the host's processes."""
+        return host_stats(self._store)
 
     def close(self):
         if self._store is not None:

@@ -264,6 +264,8 @@ class HttpServer:
         connection.inbuf += data
         if not connection.busy:
             self._process(connection)
+        elif len(connection.inbuf) > self.limits.max_body + self.limits.max_header_bytes:
+            self._close(connection)            # pipelining more than a request's worth: abuse
 
     def _process(self, connection):
         """Answer every complete request in the buffer, in order, until one needs a Future."""
@@ -334,6 +336,7 @@ class HttpServer:
                 self._close(connection)
                 return
             del out[:sent]
+            connection.last_active = time.monotonic()   # a slow reader that reads is alive
         if out:
             if not connection.writing:
                 self._epoll.modify(connection.fd, select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP)

@@ -5,17 +5,8 @@ through the journal (journal.py); this module takes no lock itself.
 
 **Seqlock.** Buckets are grouped into stripes (bucket % nstripes), each with a u32 counter.
 A writer makes the counter of every stripe whose chains it will change odd before the first
-change, and even again when its whole write section ends. A reader reads the counter (even),
-walks the chain and copies the value out, then reads the counter again: equal means no
-writer touched that stripe meanwhile, so what it copied is what a single moment held.
-Every offset a reader follows is bounds-checked and every walk bounded, so a torn read can
-neither crash nor hang; it only fails validation. This relies on x86-64 keeping stores in
-order (and on struct's native formats doing aligned 4- and 8-byte copies).
-
-Why a chunk freed and reused under a reader is still caught: the reader found the item
-through its stripe's chain after reading the counter; the item cannot be freed before it is
-unlinked, and unlinking happens with that stripe odd, so the counter has moved by the time
-the reader checks it.
+change, and even again when its whole write section ends; readers (reader.py) validate
+their copies against it.
 
 **CLOCK, not exact LRU.** A hit must not write shared lists, so it sets a reference bit
 (one bit per 32 bytes of pages, outside the chunks, so a late write after the chunk changed
@@ -54,9 +45,7 @@ Group record (GROUP_RECORD_BYTES, at ``groups_off + 256 * group id``)::
 Buckets: u32 item refs, heads of the hash chains. Stripes: u32 seqlock counters.
 """
 
-import os
 import struct
-import time
 
 import xxhash
 
@@ -80,8 +69,6 @@ _G_BUDGET, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 80, 88, 96, 100
 _G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
 _I_EXPIRY, _I_PREV, _I_NEXT = 8, 16, 20
 
-READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
-MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
 MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
 ROOM_EVICTIONS = 64         # evictions per group when a full class needs a chunk
 _FRACTION = 1.0 / 256
@@ -111,8 +98,9 @@ def expiry_fields(expire_at):
 
 
 class Index:
-    """The index over one arena. Readers: ``lookup``. Writers (lock held, journal step open):
-    ``store``, ``remove``, ``clear``, ``define_group``, then ``end_write`` once."""
+    """The index over one arena. Lock-free readers: ``reader.make_reader(index, ...)``.
+    Writers (lock held, journal step open): ``store``, ``remove``, ``clear``,
+    ``define_group``, then ``end_write`` once."""
 
     def __init__(self, arena, journal, slabs):
         lay = arena.layout
@@ -134,86 +122,8 @@ class Index:
                       for gid in range(lay.max_groups)]
         self._marked = []                    # stripe counters this write section made odd
 
-    # -- readers (no lock) ------------------------------------------------------------------
-
-    def make_reader(self, group_ids, resolve_group, locked_lookup, counts, with_expiry=False):
-        """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
-        costs about a microsecond of Python, so every constant is a local and there is no
-        inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it or
-        raises; ``locked_lookup(gid, key)`` reads under the write lock when no consistent
-        lock-free read is possible (a writer busy or dead on the key's stripe, or a chain
-        longer than MAX_CHAIN). ``counts`` is the process's counter list (metrics.py): hits,
-        misses and hot-copy hits are counted there. ``with_expiry``: return (value, expiry
-        Unix time or None, whether it is a hot copy) instead of the value."""
-        buf, seeds, nbuckets, nstripes = self.buf, self.seeds, self.nbuckets, self.nstripes
-        stripes_off, buckets_off, refbits_off = self.stripes_off, self.buckets_off, self.refbits_off
-        low = self.pages_off
-        high = self.pages_end - ITEM_HEADER_BYTES
-        pages_end, max_item = self.pages_end, self.max_item_size
-        unpack_u32, unpack_head = _U32.unpack_from, _HEAD.unpack_from
-        digest, sched_yield, now = xxhash.xxh3_64_intdigest, os.sched_yield, time.time
-        find_group = group_ids.get
-
-        def get(group, key):
-            """The cached value of ``key`` in ``group``, or None (absent or expired)."""
-            gid = find_group(group)
-            if gid is None:
-                gid = resolve_group(group)
-            key = key.encode() if key.__class__ is str else encode_key(key)
-            klen = len(key)
-            if not 0 < klen <= MAX_KEY_BYTES:
-                raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {klen}")
-            bucket = digest(key, seeds[gid]) % nbuckets
-            seq_off = stripes_off + (bucket % nstripes) * 4
-            bucket_off = buckets_off + bucket * 4
-            attempts = READ_ATTEMPTS
-            while attempts:
-                attempts -= 1
-                seq = unpack_u32(buf, seq_off)[0]
-                if seq & 1:
-                    sched_yield()
-                    continue
-                ref = unpack_u32(buf, bucket_off)[0]
-                found = hops = 0
-                while ref:
-                    offset = ref << 3
-                    if offset < low or offset > high or hops == MAX_CHAIN:
-                        break                           # torn, or long: the checks below decide
-                    ref, state, item_klen, item_gid, frac, seconds, vlen = unpack_head(buf, offset)
-                    if item_klen == klen and item_gid == gid and state & 1:   # LIVE or HOT
-                        start = offset + ITEM_HEADER_BYTES
-                        if buf[start:start + klen] == key:
-                            start += klen
-                            if vlen <= max_item and start + vlen <= pages_end:
-                                value = buf[start:start + vlen]
-                                found = offset
-                            break
-                    hops += 1
-                if unpack_u32(buf, seq_off)[0] != seq:
-                    continue
-                if not found:
-                    if hops == MAX_CHAIN:
-                        break
-                    counts[gid << 4 | 1] += 1            # metrics.MISSES
-                    return None
-                if seconds and seconds + frac * _FRACTION <= now():
-                    counts[gid << 4 | 1] += 1
-                    return None
-                bit = (found - low) >> 5                # REFBIT_GRANULE = 32
-                byte_off = refbits_off + (bit >> 3)
-                mask = 1 << (bit & 7)
-                if not buf[byte_off] & mask:            # write only when it changes: hot
-                    buf[byte_off] |= mask               # items stay read-only cache lines
-                counts[gid << 4] += 1                   # metrics.HITS
-                if state == 3:
-                    counts[gid << 4 | 2] += 1           # metrics.HOT_HITS
-                if with_expiry:
-                    return value, (seconds + frac * _FRACTION if seconds else None), state == 3
-                return value
-            found = locked_lookup(gid, key, with_expiry)
-            counts[gid << 4 | (found is None)] += 1     # HITS or MISSES
-            return found
-        return get
+    # -- readers ------------------------------------------------------------------------------
+    # The lock-free read path is reader.make_reader; this is its fallback under the lock.
 
     def lookup_locked(self, gid, key, now, with_expiry=False):
         """The reader's lookup for the write-lock holder: no seqlock, no walk limit."""
@@ -559,7 +469,7 @@ class Index:
         and a page they empty goes back to the free list for any class. Otherwise (a size
         seen for the first time, or nothing freed) a whole page is emptied and handed over.
         """
-        buf, slabs = self.buf, self.slabs
+        slabs = self.slabs
         if slabs.has_pages(class_id):
             for group in self._groups_by_share(gid):
                 for _eviction in range(ROOM_EVICTIONS):

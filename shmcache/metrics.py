@@ -6,7 +6,7 @@ a daemon thread, and on demand (``flush``), at exit, and before anyone reads the
 that process. ``totals`` adds up every slot. A slot whose process died is folded into slot 0
 (the retired counts) when it is reused, so totals only grow.
 
-Counter slot (COUNTER_SLOT_BYTES, at ``counters_off + slot * COUNTER_SLOT_BYTES``)::
+Counter slot (``arena.counter_slot_bytes(max_groups)`` bytes, at ``counters_off + slot * that``)::
 
     0    u32  pid owning the slot (0 = free)
     4    u32  role: 0 = connect() client, N = worker N
@@ -26,7 +26,7 @@ import time
 import weakref
 from array import array
 
-from .arena import COUNTER_SLOT_BYTES, COUNTER_SLOTS, DEFAULT_MAX_GROUPS
+from .arena import COUNTER_SLOTS, counter_slot_bytes
 
 log = logging.getLogger("shmcache")
 
@@ -40,7 +40,7 @@ FLUSH_INTERVAL = 1.0                 # seconds
 _HEADER = struct.Struct("IId")
 _COUNTS_OFF = 64
 _live = weakref.WeakSet()
-assert _COUNTS_OFF + DEFAULT_MAX_GROUPS * PER_GROUP * 8 <= COUNTER_SLOT_BYTES
+assert _COUNTS_OFF + PER_GROUP * 8 == counter_slot_bytes(1)
 
 
 class Counters:
@@ -52,6 +52,7 @@ class Counters:
         self.role = role
         self.base = store.arena.layout.counters_off
         self.size = store.arena.layout.max_groups * PER_GROUP
+        self.slot_bytes = counter_slot_bytes(store.arena.layout.max_groups)
         self.values = [0] * self.size
         self._slot = None                # claimed on first flush
         self._pid = os.getpid()
@@ -73,14 +74,14 @@ class Counters:
             self._slot = store.locked(self._claim)
             if self._slot is None:
                 return                   # every slot taken by live processes: counts stay local
-        offset = self.base + self._slot * COUNTER_SLOT_BYTES + _COUNTS_OFF
+        offset = self.base + self._slot * self.slot_bytes + _COUNTS_OFF
         store.buf[offset:offset + self.size * 8] = array("Q", self.values).tobytes()
 
     def _claim(self):
         """A free slot, or one whose process died (its counts go to slot 0). Write lock held."""
         buf, now = self.store.buf, time.time()
         for slot in range(1, COUNTER_SLOTS):
-            offset = self.base + slot * COUNTER_SLOT_BYTES
+            offset = self.base + slot * self.slot_bytes
             pid = struct.unpack_from("I", buf, offset)[0]
             if pid and _alive(pid):
                 continue
@@ -112,7 +113,7 @@ class Counters:
         self.flush()
         if self._slot is None:
             return
-        offset = self.base + self._slot * COUNTER_SLOT_BYTES
+        offset = self.base + self._slot * self.slot_bytes
 
         def give_back():
             if struct.unpack_from("I", self.store.buf, offset)[0] == os.getpid():
@@ -160,10 +161,11 @@ def totals(store, max_groups=None):
     lay = store.arena.layout
     groups = max_groups or lay.max_groups
     size = groups * PER_GROUP
+    slot_bytes = counter_slot_bytes(lay.max_groups)
     sums = [0] * size
     buf = store.buf
     for slot in range(COUNTER_SLOTS):
-        offset = lay.counters_off + slot * COUNTER_SLOT_BYTES
+        offset = lay.counters_off + slot * slot_bytes
         if slot and not struct.unpack_from("I", buf, offset)[0]:
             continue
         counts = array("Q", buf[offset + _COUNTS_OFF:offset + _COUNTS_OFF + size * 8])
@@ -174,12 +176,26 @@ def totals(store, max_groups=None):
             for gid in range(groups)}
 
 
+def host_stats(store):
+    """``store.stats()`` with every group's counters summed over the host's processes (this
+    process's flushed first) and ``gets`` = hits + misses."""
+    store.counters.flush()
+    stats = store.stats()
+    counted = totals(store)
+    for info in stats["groups"].values():
+        counts = counted[info["id"]]
+        info.update(counts)
+        info["gets"] = counts["hits"] + counts["misses"]
+    return stats
+
+
 def processes(store):
     """[(pid, role)] of the slots in use by live processes."""
     lay = store.arena.layout
     found = []
     for slot in range(1, COUNTER_SLOTS):
-        pid, role, _claimed = _HEADER.unpack_from(store.buf, lay.counters_off + slot * COUNTER_SLOT_BYTES)
+        offset = lay.counters_off + slot * counter_slot_bytes(lay.max_groups)
+        pid, role, _claimed = _HEADER.unpack_from(store.buf, offset)
         if pid and _alive(pid):
             found.append((pid, role))
     return found

@@ -45,7 +45,6 @@ import os
 import struct
 import threading
 import time
-from concurrent.futures import Future
 
 import xxhash
 
@@ -102,6 +101,7 @@ class HostFlights:
         self.load_timeout = load_timeout
         self._held = set()                  # slots this process is loading; guarded by _guard
         self._guard = threading.Lock()
+        self._tickets = 0                   # claims made by this process
 
     def load(self, gid, key, loader):
         """Value for ``key`` (bytes) in group ``gid``: from the cache if someone just stored it,
@@ -127,9 +127,7 @@ class HostFlights:
     # -- loading ----------------------------------------------------------------------------
 
     def _load_as_owner(self, slot, ticket, loader):
-        """We hold the slot's byte lock: load, publish, release."""
-        with self._guard:
-            self._held.add(slot)
+        """We hold the slot's byte lock (and it is in ``_held``): load, publish, release."""
         state, message, value = DONE_ERROR, "load did not finish", None
         try:
             value = loader()
@@ -209,6 +207,8 @@ class HostFlights:
             offset = self.base + slot * INFLIGHT_SLOT_BYTES
             state, _pid, _t, changed, waiters, _g, _k, _e = _SLOT.unpack_from(buf, offset)
             if self._claimable(slot, state, waiters, changed, now):
+                with self._guard:               # before the write lock goes: no other thread
+                    self._held.add(slot)         # of ours may take this slot for its own
                 ticket = self._next_ticket()
                 buf[offset + _KEY_OFF:offset + _KEY_OFF + len(key)] = key
                 _SLOT.pack_into(buf, offset, FREE, os.getpid(), ticket, now, 0, gid, len(key), 0)
@@ -231,8 +231,8 @@ class HostFlights:
         return self.store.lock_file.try_lock_byte(INFLIGHT_LOCK_BASE + slot)
 
     def _next_ticket(self):
-        self._ticket_counter = getattr(self, "_ticket_counter", 0) + 1
-        return (os.getpid() << 32 | self._ticket_counter) & 0xFFFFFFFFFFFFFFFF
+        self._tickets += 1                       # write lock held: no race
+        return (os.getpid() << 32 | self._tickets) & 0xFFFFFFFFFFFFFFFF
 
     def _finish(self, slot, ticket, state, message):
         buf = self.buf
@@ -259,6 +259,8 @@ class HostFlights:
             log.warning("loader pid %d of %r died; pid %d takes over", _pid,
                         bytes(buf[offset + _KEY_OFF:offset + _KEY_OFF + _k]), os.getpid())
             struct.pack_into("IIQdI", buf, offset, LOADING, os.getpid(), ticket, time.time(), waiters)
+            with self._guard:
+                self._held.add(slot)
             return _TAKE_OVER
         message = bytes(buf[offset + _ERROR_OFF:offset + _ERROR_OFF + elen]).decode(errors="replace")
         struct.pack_into("I", buf, offset + 24, waiters)

@@ -1,5 +1,5 @@
 """Safe access to one arena from any thread of any process: the write lock, journal steps,
-crash repair, and key/value checks. Reads go lock-free to ``Index.lookup``.
+crash repair, and key/value checks. Reads are lock-free closures (reader.py).
 
 **The write lock** is an OFD lock on byte WRITE_LOCK_BYTE of the segment file. While holding
 it a writer marks the header word WRITER_PID with its pid and clears it when done, so:
@@ -8,7 +8,7 @@ it a writer marks the header word WRITER_PID with its pid and clears it when don
     writer B: lock (granted), sees WRITER_PID = A != 0 -> A died holding the lock:
               undo A's open step, make A's odd stripes even, then carry on.
 
-A finds the mark set only if a previous holder died; a live holder never lets another in.
+B finds the mark set only if a previous holder died; a live holder never lets another in.
 A Python exception inside a step takes the same repair path at once, in the same process.
 """
 
@@ -23,6 +23,7 @@ from .journal import Journal
 from .locks import LockFile
 from .lru_index import Index, encode_key
 from .metrics import Counters
+from .reader import make_reader
 from .slabs import STATE_HOT, Slabs
 from .units import parse_size
 
@@ -67,18 +68,17 @@ class Store:
         self.lock_file = LockFile(arena.path)      # this process's descriptor for byte locks
         self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE)
         self._group_ids = {}           # name -> id; ids never change once defined
-        self._group_ttls = {}
         self.counters = Counters(self)
-        # get(group, key) -> bytes | None: lock-free, one closure (see Index.make_reader);
+        # get(group, key) -> bytes | None: lock-free, one closure (see reader.py);
         # get_with_expiry(group, key) -> (bytes, expiry Unix time | None, hot) | None.
         counts = self.counters.values
-        self.get = self.index.make_reader(self._group_ids, self.group_id, self._locked_get,
-                                          counts)
-        self.get_with_expiry = self.index.make_reader(self._group_ids, self.group_id,
-                                                      self._locked_get, counts, with_expiry=True)
+        self.get = make_reader(self.index, self._group_ids, self.group_id, self._locked_get,
+                               counts)
+        self.get_with_expiry = make_reader(self.index, self._group_ids, self.group_id,
+                                           self._locked_get, counts, with_expiry=True)
         # The same, uncounted: a second look inside one get must not count as another get.
-        self.recheck = self.index.make_reader(self._group_ids, self.group_id, self._locked_get,
-                                              [0] * len(counts), with_expiry=True)
+        self.recheck = make_reader(self.index, self._group_ids, self.group_id, self._locked_get,
+                                   [0] * len(counts), with_expiry=True)
 
     @classmethod
     def create(cls, name, memory, max_item_size=1 << 20, max_groups=64, before_publish=None):
@@ -130,7 +130,6 @@ class Store:
             if gid is None:
                 raise UnknownGroup(f"no group {name!r} in segment {self.arena.name!r}")
             self._group_ids[name] = gid
-            self._group_ttls[name] = self.index.group_ttl(gid)
         return gid
 
     def define_group(self, name, cache_bytes, ttl=None):
@@ -141,7 +140,6 @@ class Store:
         ttl = check_ttl(ttl)
         gid = self.locked(self.index.define_group, name, cache_bytes, ttl, time.time())
         self._group_ids[name] = gid
-        self._group_ttls[name] = ttl
         return gid
 
     # -- data -------------------------------------------------------------------------------
@@ -167,7 +165,7 @@ class Store:
         value = encode_value(value)
         now = time.time()
         if expire_at is None:
-            ttl = check_ttl(ttl) if ttl is not None else self._group_ttls.get(group)
+            ttl = check_ttl(ttl) if ttl is not None else self.index.group_ttl(gid)
             expire_at = now + ttl if ttl else None
         self.locked(self.index.store, gid, data, value, expire_at, now)
 

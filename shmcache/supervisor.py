@@ -172,6 +172,12 @@ class Supervisor:
     # -- main -------------------------------------------------------------------------------
 
     def run(self):
+        # Handlers first: a SIGTERM while the segment is being made is queued, not fatal.
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                       signal.SIGCHLD):
+            signal.signal(signum, self._enqueue)
         try:
             self.load_groups()
         except (AppError, ValueError, TypeError) as exc:
@@ -184,11 +190,6 @@ class Supervisor:
             log.error("cannot start: %s", exc)
             self.close()
             return EXIT_RESOURCE
-        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                       signal.SIGCHLD):
-            signal.signal(signum, self._enqueue)
         log.info("listening on http://%s:%d with %d workers (segment %s, pid %d)",
                  self.config.host, self.config.port, self.config.workers, self.config.name,
                  os.getpid())
@@ -196,7 +197,9 @@ class Supervisor:
         if len(peers) > 1:
             log.info("this host is %s among %d peers", self.config.self_url, len(peers))
         try:
-            self.manage_workers()
+            self.dispatch_signals()
+            if not self.stopping:
+                self.manage_workers()
             while not self.stopping:
                 select.select([wake_read], [], [], 1.0)
                 try:

@@ -12,14 +12,14 @@ import os
 import random
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
 from .errors import NotFound, PeerUnavailable, ValueTooLarge
 from .lru_index import encode_key
 from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER_ERRORS,
-                      PEER_LOADS, processes, totals)
+                      PEER_LOADS, host_stats, processes)
 from .peers import PeerError
 from .singleflight import Flights, HostFlights
 from .store import Store
@@ -212,13 +212,7 @@ class Node:
     def stats(self):
         """The host's figures: the segment, every group (its counters summed over all the
         host's processes), the workers' memory and CPU, and peer health."""
-        self.store.counters.flush()
-        stats = self.store.stats()
-        counted = totals(self.store)
-        for info in stats["groups"].values():
-            counts = counted[info["id"]]
-            info.update(counts)
-            info["gets"] = counts["hits"] + counts["misses"]
+        stats = host_stats(self.store)
         workers, clients = [], 0
         for pid, role in processes(self.store):
             if not role:
@@ -245,15 +239,6 @@ class Node:
         self.store.counters.release()
         self.fanout.shutdown(wait=False)
         self.peers.close()
-
-
-def done_future(result=None, exception=None):
-    future = Future()
-    if exception is not None:
-        future.set_exception(exception)
-    else:
-        future.set_result(result)
-    return future
 
 
 class Worker:

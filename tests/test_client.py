@@ -1,7 +1,6 @@
 """connect(): hits from shared memory, misses through the host's front, clear errors."""
 
 import http.server
-import os
 import signal
 import threading
 
@@ -34,6 +33,8 @@ def test_get_reads_hits_locally_and_loads_misses_through_the_front(supervised):
         assert cache.delete("test", "written") is True
         stats = cache.stats()
         assert stats["groups"]["test"]["items"] >= 2
+        assert stats["groups"]["test"]["hits"] >= 2          # this client's, summed with all
+        assert stats["groups"]["test"]["gets"] >= stats["groups"]["test"]["hits"]
 
 
 def test_connect_by_port_finds_the_default_segment_name(supervised, tmp_path):

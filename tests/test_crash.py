@@ -7,7 +7,6 @@ import os
 import random
 import select
 import signal
-import sys
 import threading
 import time
 from pathlib import Path

@@ -3,7 +3,6 @@ thread exclusion."""
 
 import os
 import signal
-import sys
 import threading
 
 import pytest

@@ -295,15 +295,15 @@ def test_clock_hit_ratio_within_one_point_of_exact_lru(make_cache):
 def test_reads_fall_back_to_the_lock_when_lock_free_reads_cannot_validate(make_cache, monkeypatch):
     """A chain too long for a lock-free walk, or a stripe that stays odd, is read under the
     write lock, with the same answers."""
-    from shmcache import lru_index
+    from shmcache import reader
     from shmcache.arena import _OFFSET_WRITER_PID
     cache = make_cache()
     for i in range(100):
         cache.set("g", f"k{i}", f"v{i}")
-    monkeypatch.setattr(lru_index, "MAX_CHAIN", 0)       # every walk is "too long"
+    monkeypatch.setattr(reader, "MAX_CHAIN", 0)          # every walk is "too long"
     assert [cache.peek("g", f"k{i}") for i in range(100)] == [f"v{i}".encode() for i in range(100)]
     assert cache.peek("g", "absent") is None
-    monkeypatch.setattr(lru_index, "MAX_CHAIN", 64)
+    monkeypatch.setattr(reader, "MAX_CHAIN", 64)
     store = cache._store
     stripe = store.arena.layout.stripes_off
     for index in range(store.arena.layout.nstripes):     # as a writer killed mid-write leaves them
@@ -314,3 +314,22 @@ def test_reads_fall_back_to_the_lock_when_lock_free_reads_cannot_validate(make_c
     assert cache.stats()["repairs"] == 1
     assert cache.peek("g", "k8") == b"v8"                # lock-free again
     store.audit()
+
+
+def test_many_groups_keep_separate_keys_budgets_and_counters(segment_name):
+    import shmcache
+    with shmcache.create(segment_name, "16MiB", max_item_size="64KiB", max_groups=200) as cache:
+        for index in range(200):
+            cache.define_group(f"g{index}", 1000)
+        for index in range(200):
+            cache.set(f"g{index}", "k", f"value {index}")
+        for index in range(0, 200, 7):
+            assert cache.peek(f"g{index}", "k") == f"value {index}".encode()
+        assert cache.peek("g199", "missing") is None
+        stats = cache.stats()
+        assert len(stats["groups"]) == 200 and stats["items"] == 200
+        assert stats["groups"]["g7"]["hits"] == 1 and stats["groups"]["g199"]["misses"] == 1
+        assert stats["groups"]["g198"]["hits"] == 0
+        with pytest.raises(ValueError, match="at most 200 groups"):
+            cache.define_group("one-too-many", 1000)
+        cache._store.audit()

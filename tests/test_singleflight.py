@@ -8,7 +8,6 @@ import threading
 import time
 from urllib.parse import quote
 
-import pytest
 
 import shmcache
 from shmcache.singleflight import Flights

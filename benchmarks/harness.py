@@ -1,0 +1,47 @@
+"""What the benchmarks share: free ports, starting supervisors, waiting for them."""
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+ENV = {**os.environ, "PYTHONPATH": REPO + os.pathsep + HERE}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(port, path="/healthz", timeout=60):
+    """Until GET ``path`` answers 200; RuntimeError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answers GET {path} on port {port}")
+
+
+def start_supervisor(app, workers=4, memory="64MiB", extra=(), port=None):
+    """(process, port, segment name) of a supervisor serving ``app``; it removes its segment
+    when stopped with SIGTERM."""
+    port = port or free_port()
+    name = f"kcache-bench-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shmcache.supervisor", "--workers", str(workers), "--port", str(port),
+         "--name", name, "--memory", memory, "--app", app, "--unlink-on-stop",
+         "--log-level", "warning", *extra], env=ENV)
+    wait_http(port)
+    return proc, port, name

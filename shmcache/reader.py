@@ -1,0 +1,115 @@
+"""The lock-free read path: ``get(group, key)`` straight from shared memory.
+
+A reader reads its stripe's seqlock counter (it must be even), walks the bucket's chain,
+copies the value out, then reads the counter again: equal means no writer touched that
+stripe meanwhile, so the copy is what a single moment held. Every offset it follows is
+bounds-checked and every walk bounded, so a torn read can neither crash nor hang; it only
+fails validation, and the reader tries again, or after READ_ATTEMPTS reads under the write
+lock (which also repairs a writer that died holding the stripe). This relies on x86-64
+keeping stores in order, and on struct's native formats doing aligned 4- and 8-byte copies.
+
+Why a chunk freed and reused under a reader is still caught: the reader found the item
+through its stripe's chain after reading the counter; the item cannot be freed before it is
+unlinked, and unlinking happens with that stripe odd (lru_index.py), so the counter has
+moved by the time the reader checks it.
+
+A hit sets the item's CLOCK reference bit (outside the chunk, so a write that comes late,
+after the chunk changed hands, only sets a stray bit) and counts in the process's list
+(metrics.py). Layouts: lru_index.py.
+"""
+
+import os
+import time
+
+import xxhash
+
+from .arena import ITEM_HEADER_BYTES, MAX_KEY_BYTES
+from .errors import InvalidKey
+from .lru_index import _FRACTION, _HEAD, _U32, encode_key
+from .metrics import HITS, HOT_HITS, MISSES, PER_GROUP
+from .slabs import STATE_HOT
+
+assert PER_GROUP == 16                 # counts[gid << 4 | kind]
+
+READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
+MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
+
+
+def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False):
+    """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
+    costs about a microsecond of Python, so every constant is a local and there is no
+    inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it or
+    raises; ``locked_lookup(gid, key)`` reads under the write lock when no consistent
+    lock-free read is possible (a writer busy or dead on the key's stripe, or a chain
+    longer than MAX_CHAIN). ``counts`` is the process's counter list (metrics.py): hits,
+    misses and hot-copy hits are counted there. ``with_expiry``: return (value, expiry
+    Unix time or None, whether it is a hot copy) instead of the value."""
+    buf, seeds, nbuckets, nstripes = index.buf, index.seeds, index.nbuckets, index.nstripes
+    stripes_off, buckets_off, refbits_off = index.stripes_off, index.buckets_off, index.refbits_off
+    low = index.pages_off
+    high = index.pages_end - ITEM_HEADER_BYTES
+    pages_end, max_item = index.pages_end, index.max_item_size
+    unpack_u32, unpack_head = _U32.unpack_from, _HEAD.unpack_from
+    digest, sched_yield, now = xxhash.xxh3_64_intdigest, os.sched_yield, time.time
+    find_group = group_ids.get
+
+    def get(group, key):
+        """The cached value of ``key`` in ``group``, or None (absent or expired)."""
+        gid = find_group(group)
+        if gid is None:
+            gid = resolve_group(group)
+        key = key.encode() if key.__class__ is str else encode_key(key)
+        klen = len(key)
+        if not 0 < klen <= MAX_KEY_BYTES:
+            raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {klen}")
+        bucket = digest(key, seeds[gid]) % nbuckets
+        seq_off = stripes_off + (bucket % nstripes) * 4
+        bucket_off = buckets_off + bucket * 4
+        attempts = READ_ATTEMPTS
+        while attempts:
+            attempts -= 1
+            seq = unpack_u32(buf, seq_off)[0]
+            if seq & 1:
+                sched_yield()
+                continue
+            ref = unpack_u32(buf, bucket_off)[0]
+            found = hops = 0
+            while ref:
+                offset = ref << 3
+                if offset < low or offset > high or hops == MAX_CHAIN:
+                    break                           # torn, or long: the checks below decide
+                ref, state, item_klen, item_gid, frac, seconds, vlen = unpack_head(buf, offset)
+                if item_klen == klen and item_gid == gid and state & 1:   # LIVE or HOT
+                    start = offset + ITEM_HEADER_BYTES
+                    if buf[start:start + klen] == key:
+                        start += klen
+                        if vlen <= max_item and start + vlen <= pages_end:
+                            value = buf[start:start + vlen]
+                            found = offset
+                        break
+                hops += 1
+            if unpack_u32(buf, seq_off)[0] != seq:
+                continue
+            if not found:
+                if hops == MAX_CHAIN:
+                    break
+                counts[gid << 4 | MISSES] += 1
+                return None
+            if seconds and seconds + frac * _FRACTION <= now():
+                counts[gid << 4 | MISSES] += 1
+                return None
+            bit = (found - low) >> 5                # REFBIT_GRANULE = 32
+            byte_off = refbits_off + (bit >> 3)
+            mask = 1 << (bit & 7)
+            if not buf[byte_off] & mask:            # write only when it changes: hot
+                buf[byte_off] |= mask               # items stay read-only cache lines
+            counts[gid << 4 | HITS] += 1
+            if state == STATE_HOT:
+                counts[gid << 4 | HOT_HITS] += 1
+            if with_expiry:
+                return value, (seconds + frac * _FRACTION if seconds else None), state == STATE_HOT
+            return value
+        found = locked_lookup(gid, key, with_expiry)
+        counts[gid << 4 | (MISSES if found is None else HITS)] += 1
+        return found
+    return get
