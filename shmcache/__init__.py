@@ -2,9 +2,9 @@
 
 from .client import Client, connect, create
 from .group import Group
-from .errors import (InvalidKey, LoadError, NotFound, PeerUnavailable, SegmentCreateError,
-                     SegmentIncompatible, SegmentInUse, SegmentNotFound, ShmcacheError,
-                     UnknownGroup, ValueTooLarge)
+from .errors import (ClientClosed, InvalidKey, LoadError, NotFound, PeerUnavailable,
+                     SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound,
+                     ShmcacheError, UnknownGroup, ValueTooLarge)
 
 __version__ = "0.1.0"
 
@@ -12,5 +12,5 @@ __all__ = [
     "Client", "Group", "connect", "create", "__version__",
     "ShmcacheError", "NotFound", "UnknownGroup", "LoadError", "PeerUnavailable",
     "ValueTooLarge", "InvalidKey", "SegmentIncompatible", "SegmentNotFound",
-    "SegmentInUse", "SegmentCreateError",
+    "SegmentInUse", "SegmentCreateError", "ClientClosed",
 ]

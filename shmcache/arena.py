@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 from .errors import (SegmentCreateError, SegmentIncompatible, SegmentInUse,
                      SegmentNotFound)
+from .locks import LockFile
 from .units import format_size, parse_size
 
 MAGIC = 0x3130454843414B4B          # b"KKACHE01" read as little-endian u64
@@ -106,6 +107,9 @@ _OFFSET_FRONT_PORT = 600     # u32: TCP port of the owner's HTTP front (0 = none
 _OFFSET_FRONT_HOST = 608     # 64s: host it listens on (UTF-8, NUL-padded)
 _OFFSET_PEER_COUNT = 672     # u32: peers in the owner's ring (>1: writes are cluster-wide)
 _OFFSET_LOCK_BYTE = 0        # lock byte ranges are lock names, not data (locks.py)
+
+# Lock bytes of the segment file (names, not data; locks.py). WRITE_LOCK_BYTE = 0 is store.py's.
+OWNER_LOCK_BYTE = 1          # held by the owning supervisor for as long as it runs
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 
@@ -196,9 +200,12 @@ class Arena:
     fd = -1
     layout = None
     name = path = None
+    identity = None      # (st_dev, st_ino) of the mapped file: which segment this is
 
     def __init__(self, name, path, fd, buf, layout):
         self.name, self.path, self.fd, self.buf, self.layout = name, path, fd, buf, layout
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -359,6 +366,15 @@ class Arena:
         """A new owner takes the segment over (warm restart): readers can tell."""
         struct.pack_into("Q", self.buf, 56, int.from_bytes(os.urandom(8), "little"))
 
+    def is_named(self):
+        """True if the segment's name still points to this mapping's file. A name never
+        comes back to a file once removed or replaced, so False is final."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self.identity
+
     def set_front(self, host, port):
         """Record where the owner's HTTP front listens, for ``connect()`` clients."""
         encoded = host.encode()[:64]
@@ -384,6 +400,41 @@ class Arena:
 
     def set_u64(self, offset, value):
         _U64.pack_into(self.buf, offset, value)
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """What a segment name points to at one moment (``probe``)."""
+    identity: tuple      # (st_dev, st_ino): compare with Arena.identity
+    epoch: int           # renewed by each warm restart (Arena.new_epoch)
+    owner_pid: int       # the supervisor owning it; 0: none (create(), or a clean stop)
+    owner_locked: bool   # someone holds OWNER_LOCK_BYTE (the owner, or a supervisor taking over)
+
+    @property
+    def usable(self):
+        """Neither orphaned nor half-made: an owner recorded in it must still hold it. A
+        segment whose owner died is never adopted again (the next supervisor starts clean)."""
+        return self.owner_pid == 0 or self.owner_locked
+
+
+def probe(name):
+    """The state of segment ``name`` without mapping it (an open, a read, a lock query:
+    a few microseconds); None if there is no published shmcache segment of that name."""
+    try:
+        lock_file = LockFile(segment_path(name))
+    except FileNotFoundError:
+        return None
+    try:
+        fd = lock_file.fd
+        header = os.pread(fd, _OFFSET_OWNER_PID + 4, 0)
+        if len(header) < _OFFSET_OWNER_PID + 4 or _U64.unpack_from(header, 0)[0] != MAGIC:
+            return None
+        st = os.fstat(fd)
+        return SegmentState((st.st_dev, st.st_ino), _HEADER.unpack_from(header, 0)[12],
+                            _U32.unpack_from(header, _OFFSET_OWNER_PID)[0],
+                            lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE))
+    finally:
+        lock_file.close()
 
 
 _CREATING = ".creating-"

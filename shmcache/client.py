@@ -12,7 +12,9 @@ import threading
 from urllib.parse import quote
 
 from .arena import _OFFSET_PEER_COUNT
-from .errors import InvalidKey, LoadError, NotFound, PeerUnavailable, ValueTooLarge
+from .attachment import Attachment, ensure_watcher
+from .errors import (ClientClosed, InvalidKey, LoadError, NotFound, PeerUnavailable,
+                     SegmentNotFound, ValueTooLarge)
 from .metrics import MISSES, host_stats
 from .store import Store, check_ttl, encode_value
 
@@ -29,56 +31,95 @@ def segment_name(port=None, name=None):
 class Client:
     """Reads hits straight from shared memory; writes take the segment's write lock.
 
-    ``close()`` detaches (idempotent). A client made by ``create()`` owns the segment and
-    also unlinks it when used as a context manager.
+    The client stays on the live segment of its name: when the cache restarts it moves to
+    the new segment within about CHECK_INTERVAL, never writes into a dead one, and while
+    there is none raises SegmentNotFound (attachment.py). ``close()`` detaches (idempotent);
+    afterwards every call raises ClientClosed. A client made by ``create()`` owns the
+    segment and also unlinks it when used as a context manager.
     """
-    _store = None
+    _attachment = None
     owner = False
 
     def __init__(self, store, owner=False, timeout=DEFAULT_TIMEOUT, token=None):
-        self._store = store
         self.owner = owner
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.peek = store.get          # the hit path: one call, no wrapper
-        self._local = threading.local()  # per thread: (pid, HTTPConnection) to the front
+        self._local = threading.local()  # per thread: (pid, front generation, HTTPConnection)
+        self._front_generation = 0       # bumped when the segment or its front changes
+        self._path, self._identity = store.arena.path, store.arena.identity  # for unlink()
+        # Sets self.peek, the hit path: the segment's own reader, one call, no wrapper.
+        self._attachment = Attachment(store, self._switch, self._peek_current)
+
+    def _switch(self, store):
+        """The attachment moved to ``store`` (None: no live segment), or the front moved."""
+        self.peek = store.get if store is not None else self._peek_without_segment
+        self._front_generation += 1
 
     @property
     def name(self):
-        return self._store.arena.name
+        return self._attachment.name
 
     def peek(self, group, key):
-        """The cached value, or None; never loads. (Replaced per instance by the store's get.)"""
-        return self._store.get(group, key)
+        """The cached value, or None; never loads. SegmentNotFound while the cache has no
+        live segment. (Replaced per instance by the segment's reader.)"""
+        return self._attachment.current.get(group, key)
+
+    def _peek_current(self, group, key):
+        return self.peek(group, key)
+
+    def _peek_without_segment(self, group, key):
+        if self._attachment.refresh():              # one may have appeared since
+            return self.peek(group, key)
+        raise self._attachment.unavailable()
+
+    def _peek_closed(self, group, key):
+        raise ClientClosed(f"this client of segment {self.name!r} is closed")
 
     def get(self, group, key):
         """The value: from shared memory, else loaded through the host's front (once for the
-        whole host). NotFound, LoadError, or PeerUnavailable if the front cannot be reached."""
-        value = self.peek(group, key)
+        whole host). NotFound, LoadError, or PeerUnavailable if the front cannot be reached;
+        SegmentNotFound if the cache has no live segment and its front does not answer."""
+        try:
+            value = self.peek(group, key)
+        except SegmentNotFound:
+            return self._fetch_without_segment(group, key)
         if value is not None:
             return value
-        # The front counts this get again when it answers: count it once.
-        self._store.counters.add(self._store.group_id(group), MISSES, -1)
+        store = self._attachment.current
+        if store is not None:
+            # The front counts this get again when it answers: count it once.
+            store.counters.add(store.group_id(group), MISSES, -1)
         return self._fetch(group, key)
+
+    def _fetch_without_segment(self, group, key):
+        """While no live segment exists, the last known front may still answer (a new
+        supervisor whose segment this client has not found yet)."""
+        unavailable = self._attachment.unavailable()
+        if self._attachment.front is None:
+            raise unavailable
+        try:
+            return self._fetch(group, key)
+        except PeerUnavailable as exc:
+            raise type(unavailable)(f"{unavailable}; its front did not answer: {exc}") from None
 
     def set(self, group, key, value, ttl=None):
         """Store ``value`` (for ``ttl`` seconds, default the group's). On a host with peers it
         goes through the front, to the key's owner, and other hosts drop their copies."""
         if not self._clustered():
-            self._store.set(group, key, value, ttl)
+            self._write(Store.set, group, key, value, ttl)
             return
-        self._store.check_fits(group, key, value)
+        self._live_store().check_fits(group, key, value)
         query = f"?ttl={check_ttl(ttl)!r}" if ttl is not None else ""
         self._cluster_write("PUT", group, key, encode_value(value), query)
 
     def delete(self, group, key):
         """Remove the key (from every host, when the host has peers); True if it was there."""
         if not self._clustered():
-            return self._store.delete(group, key)
+            return self._write(Store.delete, group, key)
         return self._cluster_write("DELETE", group, key)["deleted"]
 
     def _clustered(self):
-        return self._store.arena.get_u32(_OFFSET_PEER_COUNT) > 1
+        return self._live_store().arena.get_u32(_OFFSET_PEER_COUNT) > 1
 
     def _cluster_write(self, method, group, key, body=None, query=""):
         status, data = self._front_request(method, group, key, body, query)
@@ -92,26 +133,77 @@ class Client:
         raise LoadError(f"{status}: {data.decode(errors='replace').strip()}")
 
     def clear(self, group=None):
-        self._store.clear(group)
+        self._write(Store.clear, group)
 
     def define_group(self, name, cache_bytes, ttl=None):
-        self._store.define_group(name, cache_bytes, ttl)
+        self._write(Store.define_group, name, cache_bytes, ttl)
 
     def stats(self):
         """The segment's figures, each group's counters summed over the host's processes."""
-        return host_stats(self._store)
+        return host_stats(self._live_store())
+
+    # -- the live segment ----------------------------------------------------------------------
+
+    @property
+    def _store(self):
+        return self._live_store()
+
+    def _live_store(self):
+        """The live segment's Store; SegmentNotFound if there is none, ClientClosed."""
+        attachment = self._attachment
+        if attachment.closed:
+            raise ClientClosed(f"this client of segment {self.name!r} is closed")
+        ensure_watcher()                            # a forked child's first call starts it
+        store = attachment.current
+        if store is None:
+            if not attachment.refresh():
+                if attachment.closed:
+                    raise ClientClosed(f"this client of segment {self.name!r} is closed")
+                raise attachment.unavailable()
+            store = attachment.current
+        return store
+
+    def _write(self, operation, *args):
+        """``operation(store, *args)`` on the live segment. The store checks, under its write
+        lock, that the segment is still live before the change commits (Store.locked), so a
+        write that returns went into the live segment; one that met a dead segment was
+        undone, and is made again on the new one if the cache restarted meanwhile."""
+        for attempt in (1, 2):
+            store = self._live_store()
+            try:
+                return operation(store, *args)
+            except SegmentNotFound:
+                if attempt == 2 or not self._attachment.refresh():
+                    raise
+            except ValueError:
+                if not store.closed or attempt == 2:  # closed: left behind for long meanwhile
+                    raise
 
     def close(self):
-        if self._store is not None:
-            self._store.close()
+        """Detach (idempotent). Every later call, through this client or a reference to its
+        ``peek``, raises ClientClosed."""
+        self.peek = self._peek_closed
+        if self._attachment is not None:
+            self._attachment.close(self._peek_closed)
         connection = getattr(self._local, "connection", None)
         if connection is not None:
-            connection[1].close()
+            connection[2].close()
             self._local.connection = None
 
     def unlink(self):
-        """Remove the segment's name (owners only; mappings stay valid until closed)."""
-        self._store.arena.unlink()
+        """Remove the segment's name (owners only; mappings stay valid until closed). A segment
+        that has replaced ours under the name is not ours to remove and is left alone."""
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return
+        # A replacement appearing between the stat and the unlink would be removed: only a
+        # second creator racing the owner's own unlink can cause that; it then starts again.
+        if (st.st_dev, st.st_ino) == self._identity:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
 
     def __enter__(self):
         return self
@@ -125,16 +217,20 @@ class Client:
 
     def _connection(self):
         cached = getattr(self._local, "connection", None)
-        if cached is not None and cached[0] == os.getpid():
-            return cached[1]
-        front = self._store.arena.front()
+        generation = self._front_generation
+        if cached is not None and cached[:2] == (os.getpid(), generation):
+            return cached[2]
+        if cached is not None:
+            cached[2].close()                        # the front moved, or another process's
+        store = self._attachment.current
+        front = store.arena.front() if store is not None else self._attachment.front
         if front is None:
             raise PeerUnavailable(f"segment {self.name!r} has no HTTP front to load misses")
         host, port = front
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
         connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
-        self._local.connection = (os.getpid(), connection)
+        self._local.connection = (os.getpid(), generation, connection)
         return connection
 
     def _fetch(self, group, key):

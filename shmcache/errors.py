@@ -49,3 +49,8 @@ class SegmentInUse(ShmcacheError, FileExistsError):
 
 class SegmentCreateError(ShmcacheError, OSError):
     """The segment could not be created (for example /dev/shm has too little free space)."""
+
+
+class ClientClosed(ShmcacheError, ValueError):
+    """The client was closed (``close()``, or the end of its ``with`` block); it reads and
+    writes nothing any more."""

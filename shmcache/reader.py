@@ -13,6 +13,10 @@ through its stripe's chain after reading the counter; the item cannot be freed b
 unlinked, and unlinking happens with that stripe odd (lru_index.py), so the counter has
 moved by the time the reader checks it.
 
+Diverting costs a hit nothing: the group lookup every read starts with is a dict that the
+store empties when it diverts its readers (store.py), and only the branch taken when a name
+is not in the dict asks whether to take the detour.
+
 A hit sets the item's CLOCK reference bit (outside the chunk, so a write that comes late,
 after the chunk changed hands, only sets a stray bit) and counts in the process's list
 (metrics.py). Layouts: lru_index.py.
@@ -35,11 +39,13 @@ READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
 MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
 
 
-def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False):
+def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,
+                detour=None):
     """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
     costs about a microsecond of Python, so every constant is a local and there is no
-    inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it or
-    raises; ``locked_lookup(gid, key)`` reads under the write lock when no consistent
+    inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it, raises,
+    or returns None: then the read is ``detour(group, key)``'s answer and touches no shared
+    memory. ``locked_lookup(gid, key)`` reads under the write lock when no consistent
     lock-free read is possible (a writer busy or dead on the key's stripe, or a chain
     longer than MAX_CHAIN). ``counts`` is the process's counter list (metrics.py): hits,
     misses and hot-copy hits are counted there. ``with_expiry``: return (value, expiry
@@ -58,6 +64,8 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
         gid = find_group(group)
         if gid is None:
             gid = resolve_group(group)
+            if gid is None:
+                return detour(group, key)
         key = key.encode() if key.__class__ is str else encode_key(key)
         klen = len(key)
         if not 0 < klen <= MAX_KEY_BYTES:

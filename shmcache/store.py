@@ -10,6 +10,13 @@ it a writer marks the header word WRITER_PID with its pid and clears it when don
 
 B finds the mark set only if a previous holder died; a live holder never lets another in.
 A Python exception inside a step takes the same repair path at once, in the same process.
+
+**Dead segments.** A store whose ``verify_identity`` is set (connect() clients) checks,
+under the write lock and before each step commits, that the segment is still the live one
+of its name (``check_current``); if not, the step is undone and SegmentNotFound raised, so
+no write into a dead segment is reported as done. **Diverting**: ``divert(detour)`` sends
+this store's lock-free readers to ``detour(group, key)`` instead of its memory (a client
+that moved to a new segment, or was closed); the readers pay nothing for it (reader.py).
 """
 
 import logging
@@ -17,8 +24,9 @@ import os
 import struct
 import time
 
-from .arena import _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID, Arena
-from .errors import UnknownGroup, ValueTooLarge
+from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID,
+                    OWNER_LOCK_BYTE, Arena)
+from .errors import SegmentNotFound, UnknownGroup, ValueTooLarge
 from .journal import Journal
 from .locks import LockFile
 from .lru_index import Index, encode_key
@@ -58,6 +66,8 @@ class Store:
     arena = None
     lock_file = None
     counters = None
+    verify_identity = False     # check under the write lock that the segment is still live
+    detour = None               # (group, key) -> value: where diverted readers go instead
 
     def __init__(self, arena):
         self.arena = arena
@@ -67,18 +77,22 @@ class Store:
         self.index = Index(arena, self.journal, self.slabs)
         self.lock_file = LockFile(arena.path)      # this process's descriptor for byte locks
         self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE)
-        self._group_ids = {}           # name -> id; ids never change once defined
+        # name -> id; ids never change once defined. The readers look a group up here
+        # first: while the store is diverted it stays empty, so every read takes the detour.
+        self._group_ids = {}
         self.counters = Counters(self)
         # get(group, key) -> bytes | None: lock-free, one closure (see reader.py);
         # get_with_expiry(group, key) -> (bytes, expiry Unix time | None, hot) | None.
         counts = self.counters.values
-        self.get = make_reader(self.index, self._group_ids, self.group_id, self._locked_get,
-                               counts)
-        self.get_with_expiry = make_reader(self.index, self._group_ids, self.group_id,
-                                           self._locked_get, counts, with_expiry=True)
+        resolve, locked = self._reader_group_id, self._locked_get
+        self.get = make_reader(self.index, self._group_ids, resolve, locked, counts,
+                               detour=self._take_detour)
+        self.get_with_expiry = make_reader(self.index, self._group_ids, resolve, locked, counts,
+                                           with_expiry=True, detour=self._refuse_detour)
         # The same, uncounted: a second look inside one get must not count as another get.
-        self.recheck = make_reader(self.index, self._group_ids, self.group_id, self._locked_get,
-                                   [0] * len(counts), with_expiry=True)
+        self.recheck = make_reader(self.index, self._group_ids, resolve, locked,
+                                   [0] * len(counts), with_expiry=True,
+                                   detour=self._refuse_detour)
 
     @classmethod
     def create(cls, name, memory, max_item_size=1 << 20, max_groups=64, before_publish=None):
@@ -105,11 +119,16 @@ class Store:
             arena.close()
             raise
 
-    def close(self):
-        """Detach. Idempotent; the segment stays."""
+    def close(self, keep_counts=True):
+        """Detach. Idempotent; the segment stays. ``keep_counts=False``: do not fold this
+        process's counters into the segment (it is a dead one)."""
         if self.counters is not None and self.buf is not None:
             self.counters.stop()
-            self.counters.release()
+            if keep_counts:
+                try:
+                    self.counters.release()
+                except SegmentNotFound:     # the segment died: its counts no longer matter
+                    pass
         if self.lock_file is not None:
             self.lock_file.close()
             self.lock_file = None
@@ -129,8 +148,59 @@ class Store:
             gid = self.index.find_group(name) if isinstance(name, str) else None
             if gid is None:
                 raise UnknownGroup(f"no group {name!r} in segment {self.arena.name!r}")
-            self._group_ids[name] = gid
+            self._remember_group(name, gid)
         return gid
+
+    def _remember_group(self, name, gid):
+        # No lock, and still no entry survives a divert() (GIL order, thread A here, B in
+        # divert): if A stores after B's clear, A's re-check below sees B's detour (B set it
+        # before clearing) and takes the entry out; if A's re-check ran before B set the
+        # detour, A's store came before B's clear, which removes it.
+        self._group_ids[name] = gid
+        if self.detour is not None:
+            self._group_ids.pop(name, None)
+
+    # -- diverting the readers --------------------------------------------------------------
+
+    def divert(self, detour):
+        """From now on the lock-free readers return ``detour(group, key)`` (get) or raise
+        SegmentNotFound (the with-expiry readers, which only workers use) instead of reading
+        this segment. A read already past its group lookup finishes from the old memory."""
+        self.detour = detour              # first: see _remember_group
+        self._group_ids.clear()
+
+    def undivert(self):
+        """Read this segment again (the dict of group ids fills up again as groups are read)."""
+        self.detour = None
+
+    def _reader_group_id(self, name):
+        """The readers' group lookup when a name is not in the dict: None = take the detour."""
+        if self.detour is not None:
+            return None
+        gid = self.group_id(name)
+        return None if self.detour is not None else gid
+
+    def _take_detour(self, group, key):
+        detour = self.detour
+        if detour is None:                # undiverted meanwhile: read this segment after all
+            return self.get(group, key)
+        return detour(group, key)
+
+    def _refuse_detour(self, group, key):
+        raise SegmentNotFound(f"segment {self.arena.name!r} is no longer read by this process")
+
+    def check_current(self):
+        """SegmentNotFound unless this segment is still the live one of its name: the name
+        points to our file, and the supervisor recorded as its owner (if any) still holds
+        OWNER_LOCK_BYTE. A stat and a lock query, a few microseconds."""
+        arena = self.arena
+        if not arena.is_named():
+            raise SegmentNotFound(f"segment {arena.name!r} was removed or replaced "
+                                  f"(the cache restarted or stopped)")
+        if (arena.get_u32(_OFFSET_OWNER_PID)
+                and not self.lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE)):
+            raise SegmentNotFound(f"the supervisor that owned segment {arena.name!r} died; "
+                                  f"waiting for a new one")
 
     def define_group(self, name, cache_bytes, ttl=None):
         """Create the group or change its budget/TTL (a smaller budget evicts at once)."""
@@ -139,7 +209,7 @@ class Store:
         cache_bytes = parse_size(cache_bytes)
         ttl = check_ttl(ttl)
         gid = self.locked(self.index.define_group, name, cache_bytes, ttl, time.time())
-        self._group_ids[name] = gid
+        self._remember_group(name, gid)
         return gid
 
     # -- data -------------------------------------------------------------------------------
@@ -210,7 +280,9 @@ class Store:
 
     def locked(self, operation, *args):
         """Run ``operation(*args)`` as the only writer on the segment, inside a journal step;
-        repairs first if the previous writer died. Returns what ``operation`` returns."""
+        repairs first if the previous writer died. Returns what ``operation`` returns.
+        With ``verify_identity``: SegmentNotFound, and nothing changed, if the segment is no
+        longer the live one of its name."""
         buf = self.buf
         if buf is None:
             raise ValueError("store is closed")
@@ -222,6 +294,21 @@ class Store:
             self.journal.begin()
             try:
                 result = operation(*args)
+                if self.verify_identity:
+                    # Written, not committed. Why checking now is enough (C: this writer;
+                    # S: a supervisor replacing or dropping the segment; N: its name):
+                    #   S removes or replaces N before C's stat -> C undoes, raises.
+                    #   S does so after C's stat -> C's change was made while N pointed
+                    #     here; it is as good as any write made just before the stop:
+                    #     kept by a warm restart, dropped with the rest by a clean start.
+                    #   A name never returns to a removed file, so "N points here" at the
+                    #     stat means it did so throughout the write.
+                    #   The owner died before C's lock query -> no one holds its byte
+                    #     (the kernel drops a killed holder's lock) -> C undoes, raises.
+                    # Not covered: a new supervisor that holds the owner byte while it
+                    # decides to discard a crashed segment (milliseconds, at start): a
+                    # write in that window passes and is dropped with the segment.
+                    self.check_current()
                 self.journal.commit()
                 return result
             except BaseException:

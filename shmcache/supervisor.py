@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .arena import (_OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, _OFFSET_PEER_COUNT,
-                    DEFAULT_MAX_GROUPS)
+                    DEFAULT_MAX_GROUPS, OWNER_LOCK_BYTE)
 from .errors import SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound
 from .group import AppError, check_groups, demo_groups, load_app, origin_group, DEMO_SCORES
 from .locks import LockFile
@@ -34,7 +34,6 @@ from .worker import WORKER_BOOT_ERROR, Worker
 
 log = logging.getLogger("shmcache")
 
-OWNER_LOCK_BYTE = 1
 EXIT_USAGE, EXIT_BOOT, EXIT_RESOURCE = 2, 3, 4
 
 
