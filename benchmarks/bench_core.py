@@ -7,7 +7,10 @@ operation and operations per second, for shmcache (connect() on a segment), an i
 dict (each process its own), diskcache, memcached through pymemcache over a unix socket and
 Redis through redis-py over a unix socket. memcached and redis-server are started here when
 installed (Debian: memcached, redis-server); a missing one is reported and skipped.
-Then key+value bytes as a share of arena bytes at steady state (arena full, evicting).
+Then key+value bytes as a share of arena bytes at steady state (arena full, evicting), and
+what keeping a client on the live segment costs: hits and sets through the raw store (no
+checks) against the same through a connect() client (watcher running, writes verified under
+the lock), measured alternately in the same run, side by side.
 """
 
 import argparse
@@ -23,6 +26,8 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import shmcache  # noqa: E402
+from shmcache import attachment  # noqa: E402
+from shmcache.store import Store  # noqa: E402
 
 SIZES = {"100B": 100, "1KiB": 1024}
 
@@ -167,6 +172,43 @@ def payload_share(value_size, memory="64MiB"):
         return stats["payload_share"], stats["items"], stats["groups"]["fill"]["evictions"]
 
 
+def segment_check_cost(keys, seconds, rounds=5):
+    """{op: (raw store µs/op, client µs/op)}, best of ``rounds`` alternating runs, one process,
+    100 B values; and the µs one background check of a client's segment takes."""
+    name = f"kcache-bench-{uuid.uuid4().hex[:8]}"
+    owner = shmcache.create(name, "256MiB")
+    owner.define_group("bench", 200 << 20)
+
+    def raw():
+        store = Store.attach(name)                 # a plain handle: no watcher, no checks,
+        store.start_counting()                     # counting as a client does
+        return functools.partial(store.get, "bench"), functools.partial(store.set, "bench")
+
+    def client():
+        cache = shmcache.connect(name=name)
+        return functools.partial(cache.peek, "bench"), functools.partial(cache.set, "bench")
+
+    try:
+        value = os.urandom(100)
+        best = {}
+        for _round in range(rounds):
+            for op in ("get", "set"):
+                for label, factory in (("raw", raw), ("client", client)):
+                    per_op = measure(factory, op, value, 1, keys, seconds)[0]
+                    best[op, label] = min(best.get((op, label), per_op), per_op)
+        cache = shmcache.connect(name=name)
+        checks = 20_000
+        begin = time.perf_counter()
+        for _ in range(checks):
+            cache._attachment.refresh()
+        check_us = (time.perf_counter() - begin) / checks * 1e6
+        cache.close()
+    finally:
+        owner.close()
+        owner.unlink()
+    return {op: (best[op, "raw"], best[op, "client"]) for op in ("get", "set")}, check_us
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
@@ -220,6 +262,14 @@ def main():
         for size_name, size in SIZES.items():
             share, items, evictions = payload_share(size)
             print(f"  {size_name} values: {share:.1%} ({items:,} items, {evictions:,} evictions so far)")
+        print("\nthe segment check, raw store vs connect() client, same run (best of 5, 100 B):")
+        costs, check_us = segment_check_cost(keys, args.seconds / 2)
+        for op, (raw_us, client_us) in costs.items():
+            print(f"  {op:3}  raw store {raw_us:6.3f} us   client {client_us:6.3f} us   "
+                  f"ratio {client_us / raw_us:.3f}   difference {(client_us - raw_us) * 1e3:+5.0f} ns")
+        print(f"  one background check of a client's segment: {check_us:.1f} us, every "
+              f"{attachment.CHECK_INTERVAL * 1e3:.0f} ms ({check_us / attachment.CHECK_INTERVAL / 1e4:.3f}% "
+              f"of a core)")
         print("\ntargets: get hit <= 2 us, >= 5x faster than diskcache, >= 20x faster than memcached;"
               "\n         2-process get throughput >= 1.8x one process; set <= 8 us;"
               "\n         key+value >= 75% of arena at 100 B and >= 90% at 1 KiB")

@@ -75,6 +75,7 @@ class Attachment:
 
     def refresh(self):
         """Check the segment now and move to the live one of the name. True if there is one."""
+        ensure_watcher()                    # a forked child's first check starts its watcher
         with self._lock:
             if self.closed:
                 return False
@@ -170,8 +171,7 @@ class Attachment:
             self.current.divert(self._check_then_read)
 
     def _check_then_read(self, group, key):
-        """The first read in a forked child: check now, start this process's watcher."""
-        ensure_watcher()
+        """The first read in a forked child: check now (which starts this process's watcher)."""
         self.refresh()                      # undiverts the segment if it is still live
         return self._detour(group, key)
 

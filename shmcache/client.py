@@ -12,7 +12,7 @@ import threading
 from urllib.parse import quote
 
 from .arena import _OFFSET_PEER_COUNT
-from .attachment import Attachment, ensure_watcher
+from .attachment import Attachment
 from .errors import (ClientClosed, InvalidKey, LoadError, NotFound, PeerUnavailable,
                      SegmentNotFound, ValueTooLarge)
 from .metrics import MISSES, host_stats
@@ -105,21 +105,24 @@ class Client:
     def set(self, group, key, value, ttl=None):
         """Store ``value`` (for ``ttl`` seconds, default the group's). On a host with peers it
         goes through the front, to the key's owner, and other hosts drop their copies."""
-        if not self._clustered():
-            self._write(Store.set, group, key, value, ttl)
+        store = self._live_store()
+        if not self._clustered(store):
+            self._write(store, Store.set, group, key, value, ttl)
             return
-        self._live_store().check_fits(group, key, value)
+        store.check_fits(group, key, value)
         query = f"?ttl={check_ttl(ttl)!r}" if ttl is not None else ""
         self._cluster_write("PUT", group, key, encode_value(value), query)
 
     def delete(self, group, key):
         """Remove the key (from every host, when the host has peers); True if it was there."""
-        if not self._clustered():
-            return self._write(Store.delete, group, key)
+        store = self._live_store()
+        if not self._clustered(store):
+            return self._write(store, Store.delete, group, key)
         return self._cluster_write("DELETE", group, key)["deleted"]
 
-    def _clustered(self):
-        return self._live_store().arena.get_u32(_OFFSET_PEER_COUNT) > 1
+    @staticmethod
+    def _clustered(store):
+        return store.arena.get_u32(_OFFSET_PEER_COUNT) > 1
 
     def _cluster_write(self, method, group, key, body=None, query=""):
         status, data = self._front_request(method, group, key, body, query)
@@ -133,10 +136,10 @@ class Client:
         raise LoadError(f"{status}: {data.decode(errors='replace').strip()}")
 
     def clear(self, group=None):
-        self._write(Store.clear, group)
+        self._write(self._live_store(), Store.clear, group)
 
     def define_group(self, name, cache_bytes, ttl=None):
-        self._write(Store.define_group, name, cache_bytes, ttl)
+        self._write(self._live_store(), Store.define_group, name, cache_bytes, ttl)
 
     def stats(self):
         """The segment's figures, each group's counters summed over the host's processes."""
@@ -151,33 +154,31 @@ class Client:
     def _live_store(self):
         """The live segment's Store; SegmentNotFound if there is none, ClientClosed."""
         attachment = self._attachment
+        store = attachment.current
+        if store is not None:
+            return store
+        if attachment.refresh():                    # one may have appeared since
+            store = attachment.current
+            if store is not None:
+                return store
         if attachment.closed:
             raise ClientClosed(f"this client of segment {self.name!r} is closed")
-        ensure_watcher()                            # a forked child's first call starts it
-        store = attachment.current
-        if store is None:
-            if not attachment.refresh():
-                if attachment.closed:
-                    raise ClientClosed(f"this client of segment {self.name!r} is closed")
-                raise attachment.unavailable()
-            store = attachment.current
-        return store
+        raise attachment.unavailable()
 
-    def _write(self, operation, *args):
-        """``operation(store, *args)`` on the live segment. The store checks, under its write
+    def _write(self, store, operation, *args):
+        """``operation(store, *args)``, on the live segment. The store checks, under its write
         lock, that the segment is still live before the change commits (Store.locked), so a
         write that returns went into the live segment; one that met a dead segment was
-        undone, and is made again on the new one if the cache restarted meanwhile."""
-        for attempt in (1, 2):
-            store = self._live_store()
-            try:
-                return operation(store, *args)
-            except SegmentNotFound:
-                if attempt == 2 or not self._attachment.refresh():
-                    raise
-            except ValueError:
-                if not store.closed or attempt == 2:  # closed: left behind for long meanwhile
-                    raise
+        undone, and is made once more on the new one if the cache restarted meanwhile."""
+        try:
+            return operation(store, *args)
+        except SegmentNotFound:
+            if not self._attachment.refresh():
+                raise
+        except ValueError:
+            if not store.closed:                    # closed: left behind for long meanwhile
+                raise
+        return operation(self._live_store(), *args)
 
     def close(self):
         """Detach (idempotent). Every later call, through this client or a reference to its
