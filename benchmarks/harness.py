@@ -41,7 +41,7 @@ def start_supervisor(app, workers=4, memory="64MiB", extra=(), port=None):
     name = f"kcache-bench-{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shmcache.supervisor", "--workers", str(workers), "--port", str(port),
-         "--name", name, "--memory", memory, "--app", app, "--unlink-on-stop",
+         "--name", name, "--memory", memory, "--app", app,
          "--log-level", "warning", *extra], env=ENV)
     wait_http(port)
     return proc, port, name

@@ -1,7 +1,7 @@
 """``python -m shmcache.supervisor``: one host's arbiter.
 
-It loads the groups, opens the arena (warm if the last supervisor of that name stopped
-cleanly), binds the listening socket, forks the workers, replaces any that die, and on
+It loads the groups, opens the arena (with ``--warm-restart``, re-attaching the one the last
+supervisor of that name kept at a clean stop), binds the listening socket, forks the workers, replaces any that die, and on
 SIGTERM/SIGINT drains and stops them. Signal handlers only enqueue; the main loop
 dispatches. While it runs it holds an OFD lock on OWNER_LOCK_BYTE of the segment, so a
 second supervisor can tell a live owner from a dead one.
@@ -11,6 +11,7 @@ Exit codes: 0 after a clean stop; 2 bad command line or groups; 3 a worker could
 """
 
 import argparse
+import errno
 import logging
 import os
 import select
@@ -35,6 +36,10 @@ from .worker import WORKER_BOOT_ERROR, Worker
 log = logging.getLogger("shmcache")
 
 EXIT_USAGE, EXIT_BOOT, EXIT_RESOURCE = 2, 3, 4
+PORT_RETRY = 3.0            # seconds a busy port is retried when a dying supervisor may hold it
+# Signals whose handlers differ between supervisor and worker: blocked across fork until the
+# worker has installed its own (see spawn_worker).
+FORK_BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD}
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Config:
     threads: int = 64
     load_timeout: float = 30.0
     graceful_timeout: float = 30.0
-    unlink_on_stop: bool = False
+    warm_restart: bool = False
     log_level: str = "info"
     peers: tuple = ()
     peers_file: str = None
@@ -94,8 +99,12 @@ def parse_args(argv=None):
         help="seconds a request waits for another process's load (default 30)")
     add("--graceful-timeout", type=float, default=30.0,
         help="seconds workers get to finish requests when stopping (default 30)")
+    add("--warm-restart", action="store_true",
+        help="keep the segment (and its entries) at a clean stop, and re-attach a segment a "
+             "previous supervisor kept that way at start; without it a clean stop removes the "
+             "segment and a start discards any segment left under the name")
     add("--unlink-on-stop", action="store_true",
-        help="remove the segment at a clean stop (default: keep it for a warm restart)")
+        help="deprecated: removing the segment at a clean stop is the default now")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--peers", default="", help="URL,URL,... of every host (this one included)")
     add("--peers-file", help="file of peer URLs (one per line), re-read on SIGHUP")
@@ -137,6 +146,11 @@ def parse_args(argv=None):
         parser.error("--token-reads needs --token (or $SHMCACHE_TOKEN)")
     if args.token is not None and (not args.token.strip() or any(c.isspace() for c in args.token)):
         parser.error("--token must be a non-empty word without spaces")
+    if args.unlink_on_stop:
+        if args.warm_restart:
+            parser.error("--unlink-on-stop contradicts --warm-restart")
+        print("warning: --unlink-on-stop is deprecated: a clean stop removes the segment "
+              "unless --warm-restart is given", file=sys.stderr)
     static = tuple(part for part in args.peers.split(",") if part.strip())
     try:
         load_peer_list(static, args.peers_file)
@@ -146,7 +160,7 @@ def parse_args(argv=None):
         parser.error(str(exc))
     return Config(args.workers, args.port, args.host, args.app, args.origin, memory, max_item,
                   args.name, args.base_path, args.threads, args.load_timeout,
-                  args.graceful_timeout, args.unlink_on_stop, args.log_level, static,
+                  args.graceful_timeout, args.warm_restart, args.log_level, static,
                   args.peers_file, args.self_url and normalize_url(args.self_url),
                   args.hot_fraction, args.peer_timeout, args.peer_connect_timeout, args.token,
                   args.token_reads, args.max_key_bytes, args.access_log, args.request_timeout,
@@ -270,11 +284,15 @@ class Supervisor:
                      ", ".join(f"{k} -> {v.decode()}" for k, v in DEMO_SCORES.items()))
 
     def bind(self):
-        """The listening socket, shared by every worker. Retries for a few seconds while a
-        dead supervisor's workers let go of the port."""
+        """The listening socket, shared by every worker.
+
+        A busy port is reported at once, naming its holder when it can be found. Only when
+        that holder is (or may be) a worker of a supervisor that just died, whose workers let
+        go of the port within a second or two, is the bind retried, for PORT_RETRY seconds,
+        and the retry is logged."""
         config = self.config
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-        deadline = time.monotonic() + 5.0
+        deadline = None
         while True:
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
@@ -282,12 +300,27 @@ class Supervisor:
                 sock.bind((config.host, config.port))
                 sock.listen(1024)
                 sock.set_inheritable(True)
+                if deadline is not None:
+                    log.info("port %d is free now", config.port)
                 return sock
             except OSError as exc:
                 sock.close()
-                if exc.errno != 98 or time.monotonic() > deadline:     # EADDRINUSE
+                if exc.errno != errno.EADDRINUSE:
                     raise OSError(exc.errno, f"cannot listen on {config.host}:{config.port}: "
                                              f"{exc.strerror}") from None
+                holder = _port_holder(config.port)
+                if deadline is None:
+                    if holder is not None and not holder[2]:
+                        raise OSError(exc.errno, f"port {config.port} is busy: "
+                                      f"{holder[1]} (pid {holder[0]}) listens on it") from None
+                    deadline = time.monotonic() + PORT_RETRY
+                    log.warning("port %d is busy%s; retrying for %.0f s in case a stopped "
+                                "supervisor's workers are letting it go", config.port,
+                                f" ({holder[1]}, pid {holder[0]})" if holder else "", PORT_RETRY)
+                elif time.monotonic() > deadline:
+                    raise OSError(exc.errno, f"port {config.port} is busy"
+                                  + (f": {holder[1]} (pid {holder[0]}) listens on it"
+                                     if holder else "")) from None
                 time.sleep(0.1)
 
     def open_segment(self):
@@ -332,16 +365,24 @@ class Supervisor:
             raise SegmentInUse(f"segment {config.name} belongs to a running supervisor; "
                                f"stop it first or pick another --name/--port")
         reason = None
-        try:
-            store = Store.attach(config.name)
-        except (SegmentIncompatible, SegmentNotFound) as exc:
-            store, reason = None, str(exc)
+        store = None
+        if not config.warm_restart:
+            reason = "no --warm-restart"
+        else:
+            try:
+                store = Store.attach(config.name)
+            except (SegmentIncompatible, SegmentNotFound) as exc:
+                reason = f"cannot read it: {exc}"
         if store is not None:
             lay = store.arena.layout
             if not store.arena.get_u32(_OFFSET_CLEAN):
-                reason = "its last supervisor did not stop cleanly"
-            elif (lay.total_size, lay.max_item_size) != (config.memory, config.max_item_size):
-                reason = "--memory or --max-item-size changed"
+                reason = "its last supervisor did not stop cleanly (crashed or was killed)"
+            elif lay.total_size != config.memory:
+                reason = (f"it has {format_size(lay.total_size)} and --memory asks for "
+                          f"{format_size(config.memory)}")
+            elif lay.max_item_size != config.max_item_size:
+                reason = (f"its max item size is {format_size(lay.max_item_size)} and "
+                          f"--max-item-size asks for {format_size(config.max_item_size)}")
         if reason is None:
             self.store, self._owner_lock = store, owner_lock
             store.arena.new_epoch()
@@ -349,9 +390,13 @@ class Supervisor:
             log.info("warm start: re-attached segment %s with %d items kept",
                      config.name, stats["items"])
             return True
-        log.info("clean start: discarding segment %s (%s)", config.name, reason)
+        log.info("clean start: discarding the segment %s left under the name (%s)",
+                 config.name, reason)
         if store is not None:
             store.close()
+        # Safe against a racing supervisor: we hold the owner lock on this file, so a second
+        # supervisor cannot adopt it meanwhile; unlinking only removes the name, and one that
+        # created a new file under it already would have made us fail try_lock on that file.
         os.unlink(path)
         owner_lock.close()
         return False
@@ -376,16 +421,32 @@ class Supervisor:
                 self.spawn_worker(index)
 
     def spawn_worker(self, index):
+        """Fork worker ``index``.
+
+        The child starts with the supervisor's signal handlers, which only enqueue into the
+        supervisor's (now copied) queue: a SIGTERM handled by them in the child would be lost,
+        and the worker would boot and serve forever. So the signals are blocked across the
+        fork: a signal sent to the child before it has installed its own handlers stays
+        pending (the kernel keeps it) and is delivered to the worker's handler when
+        ``Worker.run`` unblocks them. The parent unblocks at once; whatever arrived for it
+        meanwhile is delivered then. (Python clears its own not-yet-handled signal flags in
+        the child at fork.)"""
         worker = Worker(index, self.config, self.listener, self.groups, self.app_factory)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        pid = os.fork()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            raise
         if pid == 0:
             try:
                 signal.set_wakeup_fd(-1)
-                worker.run()
+                worker.run(unblock=FORK_BLOCKED)
             finally:
                 os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self.workers[pid] = worker
         log.info("started worker %d (pid %d)", index, pid)
 
@@ -433,15 +494,49 @@ class Supervisor:
         store = self.store
         if store is not None:
             clean = self.exit_code == 0 and not self.workers
-            store.arena.set_u32(_OFFSET_CLEAN, 1 if clean else 0)
-            store.arena.set_u32(_OFFSET_OWNER_PID, 0)
-            if self.config.unlink_on_stop or not clean:
-                store.arena.unlink()
+            arena = store.arena
+            arena.set_u32(_OFFSET_CLEAN, 1 if clean and self.config.warm_restart else 0)
+            arena.set_u32(_OFFSET_OWNER_PID, 0)
+            if clean and self.config.warm_restart:
+                log.info("kept segment %s (%s, %d items) for a warm restart", arena.name,
+                         format_size(arena.layout.total_size), store.stats()["items"])
+            else:
+                # Still holding the owner lock: no other supervisor has adopted this file.
+                if _same_file(arena):
+                    arena.unlink()
+                    log.info("removed segment %s%s", arena.name,
+                             "" if clean else " (not a clean stop)")
             store.close()
             self.store = None
         if self._owner_lock is not None:
             self._owner_lock.close()
             self._owner_lock = None
+
+
+def _same_file(arena):
+    """True if the segment's name still points to the file this process has mapped."""
+    try:
+        return os.stat(arena.path).st_ino == os.fstat(arena.fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _port_holder(port):
+    """(pid, description, orphaned) of a process listening on TCP ``port``, or None if none
+    can be seen (another user's process, or no permission to look). ``orphaned``: a shmcache
+    worker whose supervisor is gone, which lets the port go within a moment."""
+    import psutil
+    try:
+        for connection in psutil.net_connections(kind="tcp"):
+            if (connection.status == psutil.CONN_LISTEN and connection.laddr
+                    and connection.laddr.port == port and connection.pid):
+                process = psutil.Process(connection.pid)
+                cmdline = " ".join(process.cmdline())[:120] or process.name()
+                orphaned = "shmcache" in cmdline and process.ppid() in (0, 1)
+                return connection.pid, cmdline, orphaned
+    except (psutil.Error, OSError):    # no permission to look: only a better message is lost
+        return None
+    return None
 
 
 def _signal(pid, signum):

@@ -27,6 +27,13 @@ from .store import Store
 log = logging.getLogger("shmcache")
 
 WORKER_BOOT_ERROR = 3
+
+
+class BootInterrupted(BaseException):
+    """A stop signal arrived while the worker was booting. A BaseException, so that an
+    ``except Exception`` in an --app factory does not swallow it."""
+
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -254,15 +261,29 @@ class Worker:
         self.server = None
         self.node = None
         self.reload_wanted = False
+        self.stop_wanted = False
+        self.booting = False            # True while a stop signal may interrupt the boot
 
-    def run(self):
-        """Boot, serve until told to stop, exit. Never returns."""
+    def run(self, unblock=()):
+        """Boot, serve until told to stop, exit. Never returns. ``unblock``: signals the
+        supervisor blocked across fork; they are unblocked once this worker's handlers are in
+        place, so a stop signal sent at any moment of boot reaches ``handle_stop``."""
         try:
+            self.booting = True
+            try:
+                self.install_signal_handlers()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)   # pending ones land now
             self.init_process()
+            self.booting = False
+        except BootInterrupted:
+            self.exit_before_serving()
         except Exception:
             log.exception("worker %d failed to boot", self.index)
             logging.shutdown()
             os._exit(WORKER_BOOT_ERROR)
+        if self.stop_wanted:
+            self.exit_before_serving()
         code = 0
         try:
             self.server.serve(tick=self.tick, tick_interval=0.5)
@@ -275,6 +296,15 @@ class Worker:
             self.remove_orphaned_segment()
         logging.shutdown()
         os._exit(code)
+
+    def exit_before_serving(self):
+        """A stop signal came during boot: leave without serving a request."""
+        self.booting = False
+        log.info("worker %d (pid %d) stopped while booting", self.index, os.getpid())
+        if self.node is not None:
+            self.node.close()
+        logging.shutdown()
+        os._exit(0)
 
     def remove_orphaned_segment(self):
         """The supervisor died without a clean stop: unless a new supervisor has taken the
@@ -300,10 +330,6 @@ class Worker:
         from .httpserver import HttpServer, Limits
         os.environ["SHMCACHE_WORKER"] = str(self.index)
         _die_with_parent()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(signum, self.handle_stop)
-        signal.signal(signal.SIGHUP, self.handle_hup)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         groups = self.groups
         if self.app_factory is not None:   # per-process resources, made after fork
             from .group import check_groups
@@ -335,6 +361,12 @@ class Worker:
         self.server = HttpServer(self.listener, handle, limits)
         log.info("worker %d (pid %d) serving", self.index, os.getpid())
 
+    def install_signal_handlers(self):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(signum, self.handle_stop)
+        signal.signal(signal.SIGHUP, self.handle_hup)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
     def handle_hup(self, signum, frame):
         self.reload_wanted = True                 # done in the loop's tick, not here
 
@@ -353,10 +385,16 @@ class Worker:
         log.info("worker %d: %d peers", self.index, len(peers.ring))
 
     def handle_stop(self, signum, frame):
+        """Serving: drain and stop. Booting: stop at once. The boot is interrupted by an
+        exception raised from here (in the main thread, between two bytecodes); any step it
+        interrupts is one a crash could interrupt too: the arena's journal and locks survive
+        that, and nothing else the boot makes outlives the process."""
+        self.stop_wanted = True
         if self.server is not None:
             self.server.stop()
-        else:
-            os._exit(0)
+        elif self.booting:
+            self.booting = False
+            raise BootInterrupted()
 
     def tick(self):
         """Every half second: reload peers if asked; stop if the supervisor is gone."""

@@ -72,24 +72,26 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(supervised):
 
 
 def test_clean_stop_leaves_a_warm_segment_and_restart_keeps_values(supervised, tmp_path):
-    first = supervised(APP)
+    first = supervised([*APP, "--warm-restart"])
     first.request("PUT", "/cache/test/kept", body=b"still here")
     assert first.get("test", "loaded")[0] == 200
     assert first.stop(signal.SIGINT) == 0
     with open(segment_path(first.name), "rb") as segment:
         segment.seek(_OFFSET_CLEAN)
         assert struct.unpack("I", segment.read(4))[0] == 1        # marked clean
-    second = supervised(APP, port=first.port, name=first.name)
+    assert f"kept segment {first.name}" in first.log()
+    second = supervised([*APP, "--warm-restart"], port=first.port, name=first.name)
     assert "warm start" in second.log()
     assert second.get("test", "kept")[:2] == (200, b"still here")
     assert second.get("test", "loaded")[:2] == (200, b"value-of-loaded")
     assert len(second.calls()) == 1                       # served warm, not reloaded
 
 
-def test_unlink_on_stop_leaves_nothing(supervised):
-    server = supervised(["--workers", "1", "--unlink-on-stop"])
+def test_clean_stop_without_warm_restart_leaves_nothing(supervised):
+    server = supervised(["--workers", "1"])
     assert server.stop() == 0
     assert not os.path.exists(segment_path(server.name))
+    assert f"removed segment {server.name}" in server.log()
 
 
 def test_supervisor_sigkill_leaves_no_workers_and_no_segment(supervised):
@@ -113,7 +115,7 @@ def test_crash_of_every_process_leaves_a_segment_that_the_next_start_discards(su
     first.proc.wait(30)
     wait_gone(everyone)
     assert os.path.exists(segment_path(first.name))
-    second = supervised(APP, port=first.port, name=first.name)
+    second = supervised([*APP, "--warm-restart"], port=first.port, name=first.name)
     assert "did not stop cleanly" in second.log()
     assert server_value(second, "lost") == b"value-of-lost"
 

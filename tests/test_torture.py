@@ -14,7 +14,7 @@ from shmcache.arena import segment_path
 
 from valuecheck import check_value, make_value
 
-APP = ["--app", "apps.counting:groups", "--workers", "4", "--unlink-on-stop"]
+APP = ["--app", "apps.counting:groups", "--workers", "4"]
 KEYS = 200
 KILLS = 110
 REQUEST_TIMEOUT = 20

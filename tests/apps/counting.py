@@ -58,3 +58,14 @@ def factory_failing_in_workers():
     if os.environ.get("SHMCACHE_WORKER"):
         raise RuntimeError("this worker cannot boot")
     return groups
+
+
+def factory_slow_in_workers():
+    """A callable --app whose worker boot takes a while, as one that opens a database pool
+    would: worker N touches boot-N in KCACHE_TEST_DIR, then takes N * KCACHE_TEST_BOOT_DELAY
+    seconds, so the workers finish booting one after another."""
+    index = os.environ.get("SHMCACHE_WORKER")
+    if index:
+        open(os.path.join(DIRECTORY, f"boot-{index}"), "w").close()
+        time.sleep(int(index) * float(os.environ.get("KCACHE_TEST_BOOT_DELAY", "0.3")))
+    return groups
