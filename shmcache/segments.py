@@ -23,12 +23,10 @@ import sys
 from dataclasses import asdict, dataclass
 
 from .arena import (_CREATING, _OFFSET_CLEAN, _OFFSET_OWNER_PID, HEADER_BYTES, MAGIC,
-                    _HEADER, _U32, shm_dir)
+                    OWNER_LOCK_BYTE, _HEADER, _U32, shm_dir)
 from .errors import SegmentIncompatible, SegmentNotFound
 from .locks import LockFile
 from .units import format_size
-
-OWNER_LOCK_BYTE = 1            # supervisor.py: held by the owning supervisor while it runs
 
 
 @dataclass

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
+from .arena import OWNER_LOCK_BYTE
 from .errors import NotFound, PeerUnavailable, ValueTooLarge
 from .lru_index import encode_key
 from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER_ERRORS,
@@ -312,7 +313,6 @@ class Worker:
 
         Safe against a restart racing us: a new supervisor either made a new file under the
         name (the inode check fails) or holds the owner lock on this one (try_lock fails)."""
-        from .supervisor import OWNER_LOCK_BYTE
         store = self.node.store
         try:
             if os.stat(store.arena.path).st_ino != os.fstat(store.arena.fd).st_ino:

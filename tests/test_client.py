@@ -47,7 +47,7 @@ def test_connect_by_port_finds_the_default_segment_name(supervised, tmp_path):
 
 
 def test_front_down_is_peer_unavailable(supervised):
-    server = supervised(APP)
+    server = supervised([*APP, "--warm-restart"])
     cache = shmcache.connect(name=server.name)
     assert cache.get("test", "x") == b"value-of-x"
     server.stop(signal.SIGTERM)                  # the segment stays (warm); the front is gone
