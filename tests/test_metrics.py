@@ -84,7 +84,9 @@ def test_peer_counters_hot_hits_and_peer_health(cluster):
     assert value(b_samples, "kcache_server_requests_total", group="test") == 5
     b.stop()
     a.get("test", next(k for k in (f"q{i}" for i in range(200)) if ring.owner_of(k) == b.url))
-    samples = scrape(a)
+    # Peer health is shared at once; the error counter reaches /metrics at the next flush.
+    samples = wait_for(a, lambda s: value(s, "kcache_peer_errors_total", group="test") >= 1
+                       and value(s, "kcache_peer_up", peer=b.url) == 0, timeout=60)
     assert value(samples, "kcache_peer_up", peer=b.url) == 0
     assert value(samples, "kcache_peer_failures", peer=b.url) >= 1
     assert value(samples, "kcache_peer_errors_total", group="test") >= 1

@@ -18,6 +18,15 @@ from shmcache.arena import _OFFSET_CLEAN, segment_path
 APP = ["--app", "apps.counting:groups", "--workers", "4"]
 
 
+def wait_for_progress(counter, count, timeout=30):
+    """Wait until ``counter[0]`` has grown by ``count`` (requests answered meanwhile)."""
+    target = counter[0] + count
+    deadline = time.monotonic() + timeout
+    while counter[0] < target:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+
+
 def wait_gone(pids, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -191,7 +200,7 @@ def test_worker_sigkill_under_load_is_replaced_without_wrong_answers(supervised,
     killed = []
     rng = random.Random(1)
     for _ in range(6):
-        time.sleep(0.3)
+        wait_for_progress(answered, 5)                    # kill while requests flow
         victim = rng.choice(server.wait_for_workers(4, exclude=killed))
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
