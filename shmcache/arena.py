@@ -414,7 +414,19 @@ class SegmentState:
     def usable(self):
         """Neither orphaned nor half-made: an owner recorded in it must still hold it. A
         segment whose owner died is never adopted again (the next supervisor starts clean)."""
-        return self.owner_pid == 0 or self.owner_locked
+        return self.owner_pid == 0 or (self.owner_locked and pid_alive(self.owner_pid))
+
+
+def pid_alive(pid):
+    """True if process ``pid`` exists. An owner recorded in a segment whose process is gone
+    died, even while a new supervisor holds the owner lock deciding what to do with it."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:               # another user's process: it exists
+        return True
 
 
 def probe(name):

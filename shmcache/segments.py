@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from .arena import (_CREATING, _OFFSET_CLEAN, _OFFSET_OWNER_PID, HEADER_BYTES, MAGIC,
-                    OWNER_LOCK_BYTE, _HEADER, _U32, shm_dir)
+                    OWNER_LOCK_BYTE, _HEADER, _U32, pid_alive, shm_dir)
 from .errors import SegmentIncompatible, SegmentNotFound
 from .locks import LockFile
 from .units import format_size
@@ -71,18 +71,6 @@ def _mappers():
 
 def _mapped_by(mappers, st):
     return mappers.get((st.st_dev, st.st_ino), [])
-
-
-def _pid_alive(pid):
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def inspect(name, directory=None, mappers=None):
@@ -167,10 +155,10 @@ def _table(segments):
     for info in segments:
         owner = "-"
         if info.owner_pid:
-            owner = f"{info.owner_pid} ({'alive' if _pid_alive(info.owner_pid) else 'dead'})"
+            owner = f"{info.owner_pid} ({'alive' if pid_alive(info.owner_pid) else 'dead'})"
         elif info.state in ("embedded", "creating"):
             owner = (f"creator {info.creator_pid} "
-                     f"({'alive' if _pid_alive(info.creator_pid) else 'dead'})")
+                     f"({'alive' if pid_alive(info.creator_pid) else 'dead'})")
         rows.append((info.name, format_size(info.size), info.state, owner,
                      "yes" if info.clean else "no", "?" if info.items is None else str(info.items),
                      ",".join(map(str, info.mapped_by[:6])) + ("..." if len(info.mapped_by) > 6

@@ -25,7 +25,7 @@ import struct
 import time
 
 from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID,
-                    OWNER_LOCK_BYTE, Arena)
+                    OWNER_LOCK_BYTE, Arena, pid_alive)
 from .errors import SegmentNotFound, UnknownGroup, ValueTooLarge
 from .journal import Journal
 from .locks import LockFile
@@ -75,7 +75,9 @@ class Store:
         self.journal = Journal(arena)
         self.slabs = Slabs(arena, self.journal)
         self.index = Index(arena, self.journal, self.slabs)
-        self.lock_file = LockFile(arena.path)      # this process's descriptor for byte locks
+        # This process's descriptor for byte locks, opened through the mapped descriptor
+        # rather than the name: the name may point to a newer segment by now.
+        self.lock_file = LockFile(f"/proc/self/fd/{arena.fd}")
         self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE)
         # name -> id; ids never change once defined. The readers look a group up here
         # first: while the store is diverted it stays empty, so every read takes the detour.
@@ -97,16 +99,22 @@ class Store:
     @classmethod
     def create(cls, name, memory, max_item_size=1 << 20, max_groups=64, before_publish=None):
         """Create and format a new segment; the caller owns it (close, then unlink).
-        ``before_publish(arena)`` runs before the segment appears under its name."""
+        ``before_publish(store)`` runs before the segment appears under its name: what it
+        writes (groups, say) is there for the first process that attaches."""
         arena = Arena.create(name, parse_size(memory), parse_size(max_item_size), max_groups)
+        store = None
         try:
             Slabs(arena, None).format()
+            store = cls(arena)
             if before_publish is not None:
-                before_publish(arena)
+                before_publish(store)
             arena.publish()
-            return cls(arena)
+            return store
         except BaseException:
-            arena.close()
+            if store is not None:
+                store.close()
+            else:
+                arena.close()
             arena.unlink()
             raise
 
@@ -197,8 +205,9 @@ class Store:
         if not arena.is_named():
             raise SegmentNotFound(f"segment {arena.name!r} was removed or replaced "
                                   f"(the cache restarted or stopped)")
-        if (arena.get_u32(_OFFSET_OWNER_PID)
-                and not self.lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE)):
+        owner = arena.get_u32(_OFFSET_OWNER_PID)
+        if owner and not (self.lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE)
+                          and pid_alive(owner)):
             raise SegmentNotFound(f"the supervisor that owned segment {arena.name!r} died; "
                                   f"waiting for a new one")
 
@@ -305,9 +314,9 @@ class Store:
                     #     stat means it did so throughout the write.
                     #   The owner died before C's lock query -> no one holds its byte
                     #     (the kernel drops a killed holder's lock) -> C undoes, raises.
-                    # Not covered: a new supervisor that holds the owner byte while it
-                    # decides to discard a crashed segment (milliseconds, at start): a
-                    # write in that window passes and is dropped with the segment.
+                    #   A new supervisor holds the owner byte while it decides whether
+                    #     to adopt or discard a crashed segment: the owner recorded is
+                    #     still the dead one until it adopts -> C undoes, raises.
                     self.check_current()
                 self.journal.commit()
                 return result

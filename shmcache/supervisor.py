@@ -324,33 +324,41 @@ class Supervisor:
                 time.sleep(0.1)
 
     def open_segment(self):
-        """Warm: re-attach a segment its last owner stopped cleanly, same layout. Else clean."""
+        """Warm: re-attach a segment its last owner stopped cleanly, same layout. Else clean.
+        A new segment is published with its owner, front and groups already in place, so a
+        client that finds it under the name never sees it half set up."""
         config = self.config
         for _attempt in range(5):
             try:
-                self.store = Store.create(config.name, config.memory, config.max_item_size,
-                                          DEFAULT_MAX_GROUPS, before_publish=self._take_ownership)
+                Store.create(config.name, config.memory, config.max_item_size,
+                             DEFAULT_MAX_GROUPS, before_publish=self._set_up_new)
                 log.info("clean start: created segment %s (%s)", config.name,
                          format_size(config.memory))
-                break
+                return
             except SegmentInUse:
                 pass                                   # it exists: whose is it?
             if self._adopt_existing():
-                break
-        else:
-            raise SegmentInUse(f"could not open segment {config.name}")
-        arena = self.store.arena
+                self._claim()
+                return
+        raise SegmentInUse(f"could not open segment {config.name}")
+
+    def _set_up_new(self, store):
+        """Before a new segment is published: own it, claim it, define the groups."""
+        self._owner_lock = LockFile(store.arena.path)
+        if not self._owner_lock.try_lock_byte(OWNER_LOCK_BYTE):
+            raise SegmentInUse("new segment already locked")   # cannot happen: it is ours
+        self.store = store
+        self._claim()
+
+    def _claim(self):
+        """Record this supervisor as the owner of ``self.store``, its front and groups."""
+        config, arena = self.config, self.store.arena
         arena.set_u32(_OFFSET_CLEAN, 0)
         arena.set_u32(_OFFSET_OWNER_PID, os.getpid())
         struct.pack_into("d", arena.buf, _OFFSET_OWNER_START, time.time())
         arena.set_front(config.host, config.port)
         arena.set_u32(_OFFSET_PEER_COUNT, len(self.peer_list()))
         self.define_groups()
-
-    def _take_ownership(self, arena):
-        self._owner_lock = LockFile(arena.path)
-        if not self._owner_lock.try_lock_byte(OWNER_LOCK_BYTE):
-            raise SegmentInUse("new segment already locked")   # cannot happen: it is ours
 
     def _adopt_existing(self):
         """True if we now own the existing segment (warm); False if we removed it (retry)."""
