@@ -1,12 +1,14 @@
 """``python -m shmcache.stats --port 8001``: a host's figures as a table a person can read.
 
 It asks the host's front for /stats (so it works from anywhere the port is reachable);
-``--watch`` redraws every ``--interval`` seconds with per-second rates.
+``--watch`` redraws every ``--interval`` seconds with per-second rates. Groups the host no
+longer serves (kept in a warm segment with no budget) are left out.
 """
 
 import argparse
 import http.client
 import json
+import math
 import os
 import sys
 import time
@@ -28,6 +30,14 @@ def fetch(host, port, token=None, timeout=10):
     return json.loads(body)
 
 
+def hit_percent(hits, gets):
+    """Hits as a percentage with one decimal, rounded down: 99.97 % shows as 99.9, so 100.0
+    means every get hit. "-" when there were no gets."""
+    if not gets:
+        return "-"
+    return f"{math.floor(1000 * hits / gets) / 10:.1f}"
+
+
 def table(stats, previous=None, elapsed=None):
     """The figures as lines of text; with ``previous``, get and load rates per second."""
     lines = [f"segment {stats['segment']}: {format_size(stats['memory'])}, {stats['items']:,} items, "
@@ -35,21 +45,27 @@ def table(stats, previous=None, elapsed=None):
              f"{len(stats['workers'])} workers, {stats['clients']} clients, "
              f"{stats['repairs']} repairs"]
     head = (f"{'group':16} {'items':>9} {'bytes':>10} {'budget':>10} {'gets':>10} {'hit %':>6} "
-            f"{'hot':>7} {'loads':>8} {'local':>8} {'errors':>7} {'peer':>8} {'evicted':>8}")
+            f"{'hot':>7} {'loads':>8} {'deduped':>8} {'getter':>8} {'errors':>7} {'peer':>8} "
+            f"{'evicted':>8}")
     if previous:
         head += f" {'gets/s':>9}"
     lines += ["", head]
     for name, info in sorted(stats["groups"].items()):
+        if not info["cache_bytes"] and not info["items"]:
+            continue                                  # no longer served (budget 0, emptied)
         gets = info["gets"]
-        hit = f"{100 * info['hits'] / gets:.1f}" if gets else "-"
+        getter_calls = info["local_loads"] + info["local_load_errors"]
         row = (f"{name[:16]:16} {info['items']:9,} {format_size(info['bytes']):>10} "
-               f"{format_size(info['cache_bytes']):>10} {gets:10,} {hit:>6} {info['hot_hits']:7,} "
-               f"{info['loads']:8,} {info['local_loads']:8,} "
+               f"{format_size(info['cache_bytes']):>10} {gets:10,} "
+               f"{hit_percent(info['hits'], gets):>6} {info['hot_hits']:7,} "
+               f"{info['loads']:8,} {info['loads_deduped']:8,} {getter_calls:8,} "
                f"{info['local_load_errors'] + info['peer_errors']:7,} {info['peer_loads']:8,} "
                f"{info['evictions']:8,}")
         if previous and name in previous["groups"] and elapsed:
             row += f" {(gets - previous['groups'][name]['gets']) / elapsed:9,.0f}"
         lines.append(row)
+    lines += ["", "loads: gets that missed; deduped: loads left after singleflight; "
+                  "getter: getter calls on this host; peer: values fetched from their owner"]
     lines += ["", f"{'worker':>6} {'pid':>8} {'rss':>10} {'cpu s':>8}"]
     for worker in stats["workers"]:
         lines.append(f"{worker['worker']:6} {worker['pid']:8} {format_size(worker['rss_bytes']):>10} "
@@ -63,13 +79,26 @@ def table(stats, previous=None, elapsed=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m shmcache.stats", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser = argparse.ArgumentParser(
+        prog="python -m shmcache.stats",
+        description="Print a shmcache host's figures as a table: per group its items, bytes, "
+                    "budget, gets, hit percentage, hot-copy hits, loads, loads left after "
+                    "singleflight, getter calls, errors, peer fetches and evictions; per "
+                    "worker its pid, memory and CPU; the health of each peer. The figures "
+                    "come from the host's GET /stats.",
+        epilog="Exit status: 0 printed; 1 the host could not be read.")
+    parser.add_argument("--port", type=int, default=8001,
+                        help="port of the host's HTTP front (default 8001)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address of the host's HTTP front (default 127.0.0.1)")
     parser.add_argument("--token", default=os.environ.get("SHMCACHE_TOKEN"),
-                        help="bearer token, if the host wants one for reads ($SHMCACHE_TOKEN)")
-    parser.add_argument("--watch", action="store_true", help="redraw until interrupted")
-    parser.add_argument("--interval", type=float, default=2.0)
+                        help="bearer token, if the host wants one for reads "
+                             "(default $SHMCACHE_TOKEN)")
+    parser.add_argument("--watch", action="store_true",
+                        help="redraw every --interval seconds, with gets per second, until "
+                             "interrupted")
+    parser.add_argument("--interval", type=float, default=2.0,
+                        help="seconds between redraws with --watch (default 2)")
     args = parser.parse_args(argv)
     previous, then = None, None
     try:
