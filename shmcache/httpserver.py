@@ -88,7 +88,7 @@ def render(status, body=b"", content_type=b"text/plain; charset=utf-8", headers=
         body = body.encode()
     lines = [b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %d\r\n"
              % (status, REASONS.get(status, "Unknown").encode(), _date_header(), len(body))]
-    if body or status >= 400:
+    if status not in (204, 304):           # an empty value is still of its type
         lines.append(b"Content-Type: %s\r\n" % content_type)
     for name, value in headers:
         lines.append(f"{name}: {value}\r\n".encode("latin-1"))

@@ -249,3 +249,23 @@ def test_max_key_bytes_and_group_name_charset(supervised):
     assert status == 400 and b"1 to 10 bytes" in body
     status, body, _ = host.request("GET", "/cache/bad%20group/k")
     assert status == 400 and b"bad group name" in body
+
+
+@pytest.mark.parametrize("value", [
+    b"no newline", b"ends with one\n", b"\r\n", b"\x00\xff binary \x00", b"", b" " * 3,
+    bytes(range(256)) * 40,
+], ids=["plain", "newline", "crlf", "binary", "empty", "spaces", "10KiB"])
+def test_values_keep_their_exact_bytes_and_their_type(server, value):
+    """What is PUT is what GET and the peer route answer, byte for byte; an empty value is
+    still application/octet-stream."""
+    key = f"exact-{len(value)}-{value[:4].hex()}"
+    assert server.request("PUT", f"/cache/test/{key}", body=value)[0] == 200
+    status, body, headers = server.get("test", key)
+    assert (status, body) == (200, value)
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["Content-Length"] == str(len(value))
+    status, _, headers = server.request("HEAD", f"/cache/test/{key}")
+    assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+    status, body, headers = server.request("GET", f"/_kcache/test/{key}")
+    assert status == 200 and decode_get_response(body)[0] == value
+    assert headers["Content-Type"] == "application/x-protobuf"
