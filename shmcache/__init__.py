@@ -2,9 +2,10 @@
 
 from .client import Client, connect, create
 from .group import Group
-from .errors import (ClientClosed, InvalidKey, LoadError, NotFound, PeerUnavailable,
-                     SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound,
-                     ShmcacheError, UnknownGroup, ValueTooLarge)
+from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadError,
+                     LoadTimeout, NotFound, PeerUnavailable, SegmentCreateError,
+                     SegmentIncompatible, SegmentInUse, SegmentNotFound, ShmcacheError,
+                     UnknownGroup, ValueTooLarge)
 
 __version__ = "0.1.0"
 
@@ -12,5 +13,6 @@ __all__ = [
     "Client", "Group", "connect", "create", "__version__",
     "ShmcacheError", "NotFound", "UnknownGroup", "LoadError", "PeerUnavailable",
     "ValueTooLarge", "InvalidKey", "SegmentIncompatible", "SegmentNotFound",
-    "SegmentInUse", "SegmentCreateError", "ClientClosed",
+    "SegmentInUse", "SegmentCreateError", "ClientClosed", "AuthError", "LoadTimeout",
+    "InvalidArgument",
 ]

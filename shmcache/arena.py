@@ -47,7 +47,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from .errors import (SegmentCreateError, SegmentIncompatible, SegmentInUse,
+from .errors import (InvalidArgument, SegmentCreateError, SegmentIncompatible, SegmentInUse,
                      SegmentNotFound)
 from .locks import LockFile
 from .units import format_size, parse_size
@@ -125,7 +125,7 @@ def shm_dir():
 
 def segment_path(name):
     if not isinstance(name, str) or not _NAME.fullmatch(name) or _CREATING in name:
-        raise ValueError(f"bad segment name {name!r}: use letters, digits, '.', '_' and '-'")
+        raise InvalidArgument(f"bad segment name {name!r}: use letters, digits, '.', '_' and '-'")
     return os.path.join(shm_dir(), name)
 
 
@@ -156,11 +156,11 @@ class Layout:
              npages=None):
         """Fit the largest number of pages into ``total_size``; ValueError if fewer than 2 fit."""
         if not 1 <= max_groups <= 255:
-            raise ValueError("max_groups must be 1..255 (group ids are one byte)")
+            raise InvalidArgument("max_groups must be 1..255 (group ids are one byte)")
         if not 1 <= max_item_size <= 64 << 20:
-            raise ValueError("max item size must be between 1 byte and 64 MiB")
+            raise InvalidArgument("max item size must be between 1 byte and 64 MiB")
         if total_size > MAX_SEGMENT_BYTES:
-            raise ValueError(f"memory must be at most {format_size(MAX_SEGMENT_BYTES)}")
+            raise InvalidArgument(f"memory must be at most {format_size(MAX_SEGMENT_BYTES)}")
         page_size = _round_up(max_item_size + ITEM_HEADER_BYTES + MAX_KEY_BYTES, 4096)
         page_size = max(page_size, 64 << 10)
         offset = HEADER_BYTES
@@ -188,7 +188,7 @@ class Layout:
                            stripes_off, inflight_off, counters_off, peers_off, pagemeta_off,
                            refbits_off, buckets_off, pages_off)
             npages -= 1
-        raise ValueError(
+        raise InvalidArgument(
             f"memory {format_size(total_size)} is too small for a max item size of "
             f"{format_size(max_item_size)}: it must hold at least 2 pages of {format_size(page_size)}"
             f" plus {format_size(fixed)} of tables")

@@ -9,12 +9,15 @@ import http.client
 import json
 import os
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote
 
 from .arena import _OFFSET_PEER_COUNT
 from .attachment import Attachment
-from .errors import (ClientClosed, InvalidKey, LoadError, NotFound, PeerUnavailable,
-                     SegmentNotFound, ValueTooLarge)
+from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadError,
+                     LoadTimeout, NotFound, PeerUnavailable, SegmentNotFound, ValueTooLarge)
+from .group import Group
+from .lru_index import encode_key
 from .metrics import MISSES, host_stats
 from .store import Store, check_ttl, encode_value
 
@@ -24,7 +27,7 @@ DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
 def segment_name(port=None, name=None):
     """The segment of the supervisor on ``port`` (``kcache-<port>``), or ``name`` as given."""
     if (port is None) == (name is None):
-        raise ValueError("give exactly one of port= or name=")
+        raise InvalidArgument("give exactly one of port= or name=")
     return name if name is not None else f"kcache-{int(port)}"
 
 
@@ -45,6 +48,8 @@ class Client:
         self.timeout = timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()  # per thread: (pid, front generation, HTTPConnection)
+        self._groups = {}                # name -> Group whose getter this process runs on a miss
+        self._flights = None             # HostFlights of the current segment, made on first load
         self._front_generation = 0       # bumped when the segment or its front changes
         self._path, self._identity = store.arena.path, store.arena.identity  # for unlink()
         # Sets self.peek, the hit path: the segment's own reader, one call, no wrapper.
@@ -75,9 +80,12 @@ class Client:
     def _peek_closed(self, group, key):
         raise ClientClosed(f"this client of segment {self.name!r} is closed")
 
-    def get(self, group, key):
-        """The value: from shared memory, else loaded through the host's front (once for the
-        whole host). NotFound, LoadError, or PeerUnavailable if the front cannot be reached;
+    def get(self, group: str, key: str | bytes) -> bytes:
+        """The value: from shared memory, else loaded once for the whole host: by this
+        process's own getter for a group given to ``create(groups=...)``, else through the
+        host's front. NotFound (a KeyError) if the key does not exist, or is not cached in a
+        segment with neither getter nor front; LoadError / LoadTimeout if loading failed;
+        AuthError if the front wants a token; PeerUnavailable if the front cannot be reached;
         SegmentNotFound if the cache has no live segment and its front does not answer."""
         try:
             value = self.peek(group, key)
@@ -86,10 +94,34 @@ class Client:
         if value is not None:
             return value
         store = self._attachment.current
+        loader = self._groups.get(group)
+        if loader is not None and loader.getter is not None and store is not None:
+            return self._load_here(store, loader, key)
         if store is not None:
+            if store.arena.front() is None:
+                raise NotFound(f"{group}/{key} is not cached, and segment {self.name!r} has "
+                               f"no getter for {group!r} in this process and no front to load it")
             # The front counts this get again when it answers: count it once.
             store.counters.add(store.group_id(group), MISSES, -1)
         return self._fetch(group, key)
+
+    def _load_here(self, store, group, key):
+        """Load with this process's getter, once for every process of the host: the arena's
+        in-flight table makes other processes that miss the same key wait for this load
+        (or this one wait for theirs), as a supervisor's workers do."""
+        from .singleflight import HostFlights
+        flights = self._flights
+        if flights is None or flights.store is not store:
+            flights = self._flights = HostFlights(store, load_timeout=self.timeout)
+
+        def load_and_store():
+            value = group.load(key if isinstance(key, str) else _key_text(key))
+            try:
+                store.set(group.name, key, value)          # the group's TTL applies
+            except ValueTooLarge:
+                pass                                       # answered, not cached
+            return value
+        return flights.load(store.group_id(group.name), encode_key(key), load_and_store)
 
     def _fetch_without_segment(self, group, key):
         """While no live segment exists, the last known front may still answer (a new
@@ -133,13 +165,26 @@ class Client:
                                   f"{data.decode(errors='replace').strip()}")
         if status == 413:
             raise ValueTooLarge(data.decode(errors="replace").strip())
+        if status in (401, 403):
+            raise AuthError(f"the front refused {method} {group}/{key}: a token is wanted "
+                            f"(connect(token=...) or $SHMCACHE_TOKEN): "
+                            f"{data.decode(errors='replace').strip()}")
         raise LoadError(f"{status}: {data.decode(errors='replace').strip()}")
 
     def clear(self, group=None):
         self._write(self._live_store(), Store.clear, group)
 
-    def define_group(self, name, cache_bytes, ttl=None):
-        self._write(self._live_store(), Store.define_group, name, cache_bytes, ttl)
+    def define_group(self, name: str, cache_bytes: int | str, ttl: float | None = None,
+                     getter: "Callable[[str], bytes | str] | None" = None) -> None:
+        """Define group ``name`` in the segment, or change its budget (key + value bytes, an
+        int or a size such as "64MiB"; a smaller one evicts at once) and default TTL in
+        seconds (None: until evicted). With ``getter``, this client loads the group's misses
+        itself, once for the host (see ``create``). Every process attached to the segment
+        sees the group at once."""
+        group = Group(name, cache_bytes, getter, ttl)
+        self._write(self._live_store(), Store.define_group, name, group.cache_bytes, ttl)
+        if getter is not None:
+            self._groups[name] = group
 
     def stats(self):
         """The segment's figures, each group's counters summed over the host's processes."""
@@ -243,9 +288,11 @@ class Client:
             raise NotFound(reason)
         if status in (502, 503):
             raise PeerUnavailable(reason)
-        if status == 401:
-            raise PeerUnavailable(f"the front wants a token (connect(token=...) or "
-                                  f"$SHMCACHE_TOKEN): {reason}")
+        if status in (401, 403):
+            raise AuthError(f"the front wants a token (connect(token=...) or "
+                            f"$SHMCACHE_TOKEN): {reason}")
+        if status == 504:
+            raise LoadTimeout(reason)
         raise LoadError(f"{status}: {reason}")
 
     def _front_request(self, method, group, key, body=None, query=""):
@@ -273,15 +320,59 @@ class Client:
                 raise PeerUnavailable(f"cannot reach the front of {self.name!r}: {exc}") from None
 
 
-def connect(port=None, *, name=None, timeout=DEFAULT_TIMEOUT, token=None):
-    """Attach to the segment of the supervisor on ``port`` (or the segment ``name``).
-    ``token`` (default $SHMCACHE_TOKEN) is sent to the front when it has one."""
+def _key_text(key):
+    try:
+        return bytes(key).decode()
+    except UnicodeDecodeError:
+        raise InvalidKey("a key loaded by a getter must be UTF-8 text") from None
+
+
+def connect(port: int | None = None, *, name: str | None = None,
+            timeout: float = DEFAULT_TIMEOUT, token: str | None = None) -> Client:
+    """Attach to the segment of the supervisor on ``port`` (``kcache-<port>``), or to the
+    segment ``name``. Hits are read from shared memory; misses go to the host's front, which
+    loads them once for the host. ``timeout``: seconds to wait for the front's answer.
+    ``token`` (default $SHMCACHE_TOKEN) is sent to the front when it has one.
+    SegmentNotFound if there is no such segment, SegmentIncompatible if it is not one this
+    version reads."""
     store = Store.attach(segment_name(port, name))
     store.start_counting()
     return Client(store, timeout=timeout, token=token or os.environ.get("SHMCACHE_TOKEN"))
 
 
-def create(name, memory="64MiB", *, max_item_size="1MiB", max_groups=64):
-    """Create a segment without a supervisor (tests, embedding). The caller owns it:
-    ``with create(...) as cache:`` unlinks it at the end."""
-    return Client(Store.create(name, memory, max_item_size, max_groups), owner=True)
+def create(name: str, memory: int | str = "64MiB", *,
+           groups: "Iterable[Group] | Mapping[str, int | str] | None" = None,
+           max_item_size: int | str = "1MiB", max_groups: int = 64) -> Client:
+    """Create a segment without a supervisor (embedding, tests); the caller owns it.
+
+    ``groups``: the groups to define before the segment appears under ``name``, as
+    ``Group`` objects or as ``{name: byte budget}``. A ``Group`` with a getter is loaded by
+    this client on a miss, once for every process of the host (the arena's in-flight
+    table), as a supervisor's workers do; without a getter a miss is NotFound. More groups
+    can be added later with ``Client.define_group``.
+
+    ``with create(...) as cache:`` closes and removes the segment at the end; otherwise call
+    ``close()`` and ``unlink()``. InvalidArgument (a ValueError) for a malformed or too
+    small ``memory`` or ``max_item_size``; SegmentInUse if ``name`` exists;
+    SegmentCreateError if /dev/shm cannot hold it."""
+    if groups is None:
+        wanted = []
+    elif isinstance(groups, Mapping):
+        wanted = [Group(group, budget) for group, budget in groups.items()]
+    else:
+        wanted = list(groups)
+        for group in wanted:
+            if not isinstance(group, Group):
+                raise InvalidArgument(f"groups must be shmcache.Group objects or a mapping of "
+                                      f"name to byte budget, not {type(group).__name__}")
+    names = [group.name for group in wanted]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"groups named twice: {sorted({n for n in names if names.count(n) > 1})}")
+
+    def define(store):
+        for group in wanted:
+            store.define_group(group.name, group.cache_bytes, group.ttl)
+    client = Client(Store.create(name, memory, max_item_size, max_groups, before_publish=define),
+                    owner=True)
+    client._groups.update((group.name, group) for group in wanted)
+    return client

@@ -23,8 +23,21 @@ class LoadError(ShmcacheError):
     """The group's getter failed (raised something other than KeyError, or returned a bad type)."""
 
 
+class LoadTimeout(LoadError):
+    """Waiting for a load (another process's, or the host front's) took longer than allowed."""
+
+
 class PeerUnavailable(ShmcacheError):
     """A peer (or the local front) could not be reached or did not answer in time."""
+
+
+class AuthError(ShmcacheError, PermissionError):
+    """The host wants a token (``connect(token=...)`` or $SHMCACHE_TOKEN) and got none or a
+    wrong one."""
+
+
+class InvalidArgument(ShmcacheError, ValueError):
+    """An argument is malformed or out of range: a byte size, a TTL, a group or segment name."""
 
 
 class ValueTooLarge(ShmcacheError, ValueError):

@@ -2,17 +2,22 @@
 supervisor gets its groups from (``--app``, ``--origin``, or the built-in demo)."""
 
 import importlib
+import logging
 import os
 import re
 import sys
+import threading
+import time
 from urllib.parse import quote
 
-from .errors import LoadError, NotFound
+from .errors import InvalidArgument, LoadError, NotFound
 from .units import parse_size
 
 GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_CACHE_BYTES = 64 << 20
 DEMO_SCORES = {"Tom": b"630", "Jack": b"589", "Sam": b"567"}
+
+log = logging.getLogger("shmcache")
 
 
 class Group:
@@ -25,7 +30,7 @@ class Group:
 
     def __init__(self, name, cache_bytes=DEFAULT_CACHE_BYTES, getter=None, ttl=None):
         if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
-            raise ValueError(f"bad group name {name!r}: 1 to 64 of letters, digits, '_', '.', '-'")
+            raise InvalidArgument(f"bad group name {name!r}: 1 to 64 of letters, digits, '_', '.', '-'")
         if getter is not None and not callable(getter):
             raise TypeError(f"getter of group {name!r} is not callable")
         self.name = name
@@ -33,8 +38,9 @@ class Group:
         self.getter = getter
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
                                 or not 0 < ttl < 1e9):
-            raise ValueError(f"ttl of group {name!r} must be positive seconds or None")
+            raise InvalidArgument(f"ttl of group {name!r} must be positive seconds or None")
         self.ttl = ttl
+        self._failures = FailureLog(name)
 
     def __repr__(self):
         return f"Group({self.name!r}, cache_bytes={self.cache_bytes}, ttl={self.ttl})"
@@ -48,14 +54,56 @@ class Group:
         except KeyError:
             raise NotFound(f"{self.name}/{key} does not exist") from None
         except Exception as exc:
+            self._failures.report(key, exc)
             raise LoadError(f"getter of {self.name!r} failed for {key!r}: "
-                            f"{type(exc).__name__}: {exc}") from exc
+                            f"{type(exc).__name__}: {str(exc)[:200]}") from exc
         if isinstance(value, str):
             return value.encode()
         if isinstance(value, (bytes, bytearray, memoryview)):
             return bytes(value)
+        self._failures.report(key, None, f"returned {type(value).__name__}, expected bytes or str")
         raise LoadError(f"getter of {self.name!r} returned {type(value).__name__} for {key!r}; "
                         f"expected bytes or str")
+
+
+class FailureLog:
+    """Logs a group's getter failures at ERROR, with their tracebacks, at most BURST per
+    WINDOW seconds in each process; the failures beyond are counted and summed up in one line
+    when the window ends, so a broken database cannot flood the log. Thread-safe."""
+    BURST = 5
+    WINDOW = 60.0
+
+    def __init__(self, group):
+        self.group = group
+        self._lock = threading.Lock()   # guards the three fields below
+        self._window_start = 0.0
+        self._logged = 0
+        self._suppressed = 0
+
+    def report(self, key, exc, problem=None):
+        """Log (or count) one failure: ``exc`` raised by the getter, or ``problem`` described."""
+        now = time.monotonic()
+        with self._lock:
+            suppressed = 0
+            if now - self._window_start >= self.WINDOW:
+                suppressed, self._suppressed = self._suppressed, 0
+                self._window_start, self._logged = now, 0
+            if self._logged >= self.BURST:
+                self._suppressed += 1
+                return
+            self._logged += 1
+            last = self._logged == self.BURST
+        if suppressed:
+            log.error("group %s: %d more getter failures were not logged in the last %.0f s",
+                      self.group, suppressed, self.WINDOW)
+        if exc is None:
+            log.error("group %s: getter for key %r %s", self.group, key[:200], problem)
+        else:
+            log.error("group %s: getter failed for key %r", self.group, key[:200],
+                      exc_info=(type(exc), exc, exc.__traceback__))
+        if last:
+            log.error("group %s: %d getter failures within %.0f s; logging no more until the "
+                      "window ends", self.group, self.BURST, self.WINDOW)
 
 
 def demo_groups():
@@ -90,7 +138,7 @@ class OriginGetter:
 
 def origin_group(url, cache_bytes=DEFAULT_CACHE_BYTES, ttl=None):
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"--origin must be an http:// or https:// URL, not {url!r}")
+        raise InvalidArgument(f"--origin must be an http:// or https:// URL, not {url!r}")
     return Group("origin", cache_bytes, OriginGetter(url), ttl)
 
 

@@ -25,7 +25,8 @@ from concurrent.futures import Future
 from urllib.parse import parse_qs, unquote
 
 from . import kcachepb_pb2 as pb
-from .errors import InvalidKey, LoadError, NotFound, PeerUnavailable, UnknownGroup, ValueTooLarge
+from .errors import (InvalidKey, LoadError, LoadTimeout, NotFound, PeerUnavailable, UnknownGroup,
+                     ValueTooLarge)
 from .httpserver import error, render
 from .arena import MAX_KEY_BYTES
 from .group import GROUP_NAME
@@ -262,8 +263,10 @@ class Front:
             return error(404, f"{group}/{key[:100]} not found")
         except PeerUnavailable as exc:
             return error(502, str(exc))
+        except LoadTimeout as exc:
+            return error(504, str(exc))
         except LoadError as exc:
-            return error(504 if "timed out" in str(exc) else 500, str(exc))
+            return error(500, str(exc))
         except UnknownGroup as exc:
             return error(404, str(exc))
         return render(200, value, content_type=OCTETS, head=head)

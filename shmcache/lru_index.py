@@ -51,7 +51,7 @@ import xxhash
 
 from .arena import (_OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES,
                     MAX_KEY_BYTES, REFBIT_GRANULE)
-from .errors import InvalidKey, ValueTooLarge
+from .errors import InvalidArgument, InvalidKey, ValueTooLarge
 from .slabs import STATE_HOT, STATE_LIVE, STATE_WRITING
 
 _HEAD = struct.Struct("IBBBBII")     # chain, state, key len, group, expiry frac, expiry s, value len
@@ -296,7 +296,7 @@ class Index:
                 if not _U32.unpack_from(buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_DEFINED)[0]:
                     break
             else:
-                raise ValueError(f"the segment holds at most {self.max_groups} groups")
+                raise InvalidArgument(f"the segment holds at most {self.max_groups} groups")
             group = self.groups_off + gid * GROUP_RECORD_BYTES
             buf[group:group + GROUP_RECORD_BYTES] = bytes(GROUP_RECORD_BYTES)
             buf[group:group + len(encoded)] = encoded

@@ -49,7 +49,7 @@ import time
 import xxhash
 
 from .arena import INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS
-from .errors import LoadError, NotFound
+from .errors import LoadError, LoadTimeout, NotFound
 
 log = logging.getLogger("shmcache")
 
@@ -179,7 +179,7 @@ class HostFlights:
                 raise LoadError(message)
             if time.monotonic() > deadline:
                 self.store.locked(self._leave, slot, ticket)
-                raise LoadError(f"timed out after {self.load_timeout:.0f}s waiting for "
+                raise LoadTimeout(f"timed out after {self.load_timeout:.0f}s waiting for "
                                 f"another process to load {key!r}")
             time.sleep(delay)
             delay = min(delay * 2, POLL_MAX)

@@ -26,7 +26,7 @@ import time
 
 from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID,
                     OWNER_LOCK_BYTE, Arena, pid_alive)
-from .errors import SegmentNotFound, UnknownGroup, ValueTooLarge
+from .errors import InvalidArgument, SegmentNotFound, UnknownGroup, ValueTooLarge
 from .journal import Journal
 from .locks import LockFile
 from .lru_index import Index, encode_key
@@ -57,7 +57,7 @@ def check_ttl(ttl):
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < 1e9:
-        raise ValueError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+        raise InvalidArgument(f"ttl must be a positive number of seconds or None, not {ttl!r}")
     return float(ttl)
 
 
@@ -214,7 +214,7 @@ class Store:
     def define_group(self, name, cache_bytes, ttl=None):
         """Create the group or change its budget/TTL (a smaller budget evicts at once)."""
         if not isinstance(name, str) or not name or len(name.encode()) > 64:
-            raise ValueError(f"group name must be 1 to 64 bytes of text, not {name!r}")
+            raise InvalidArgument(f"group name must be 1 to 64 bytes of text, not {name!r}")
         cache_bytes = parse_size(cache_bytes)
         ttl = check_ttl(ttl)
         gid = self.locked(self.index.define_group, name, cache_bytes, ttl, time.time())

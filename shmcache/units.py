@@ -2,6 +2,8 @@
 
 import re
 
+from .errors import InvalidArgument
+
 _UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "kib": 1 << 10,
@@ -12,17 +14,17 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 
 
 def parse_size(text) -> int:
-    """Return a byte count for an int or a string such as ``"256MiB"``; ValueError otherwise."""
+    """Return a byte count for an int or a string such as ``"256MiB"``; InvalidArgument (a ValueError) otherwise."""
     if isinstance(text, bool):
-        raise ValueError(f"not a byte size: {text!r}")
+        raise InvalidArgument(f"not a byte size: {text!r}")
     if isinstance(text, int):
         if text < 0:
-            raise ValueError(f"byte size must not be negative: {text}")
+            raise InvalidArgument(f"byte size must not be negative: {text}")
         return text
     match = _SIZE.fullmatch(str(text))
     unit = match and _UNITS.get(match.group(2).lower())
     if not unit:
-        raise ValueError(f"not a byte size: {text!r} (examples: 4096, 64KiB, 256MiB, 1GiB)")
+        raise InvalidArgument(f"not a byte size: {text!r} (examples: 4096, 64KiB, 256MiB, 1GiB)")
     return int(float(match.group(1)) * unit)
 
 

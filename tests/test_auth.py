@@ -62,8 +62,9 @@ def test_token_reads_guards_reads_but_not_healthz(cluster):
     with shmcache.connect(name=host.name, token=TOKEN) as cache:
         assert cache.get("test", "y") == b"value-of-y"
     with shmcache.connect(name=host.name, token="wrong") as cache:
-        with pytest.raises(shmcache.PeerUnavailable, match="token"):
+        with pytest.raises(shmcache.AuthError, match="token") as refused:
             cache.get("test", "z")
+        assert not isinstance(refused.value, shmcache.PeerUnavailable)   # not a network fault
 
 
 def test_connect_clients_send_the_token_for_cluster_writes(secured, monkeypatch):
@@ -75,7 +76,7 @@ def test_connect_clients_send_the_token_for_cluster_writes(secured, monkeypatch)
         assert cache.delete("test", "via-client") is True
     monkeypatch.delenv("SHMCACHE_TOKEN")
     with shmcache.connect(name=a.name) as cache:
-        with pytest.raises(shmcache.LoadError, match="401"):
+        with pytest.raises(shmcache.AuthError, match="token"):
             cache.set("test", "via-client", b"no")
 
 

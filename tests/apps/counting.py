@@ -69,3 +69,14 @@ def factory_slow_in_workers():
         open(os.path.join(DIRECTORY, f"boot-{index}"), "w").close()
         time.sleep(int(index) * float(os.environ.get("KCACHE_TEST_BOOT_DELAY", "0.3")))
     return groups
+
+
+def load_broken(key):
+    """A getter with bugs: a ValueError, and a NameError as a typo would raise."""
+    record(key)
+    if key.startswith("name"):
+        return undefined_name  # noqa: F821 - the bug this getter has on purpose
+    raise ValueError(f"database refused {key}")
+
+
+broken = [Group("broken", 4 << 20, load_broken)]
