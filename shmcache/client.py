@@ -61,10 +61,10 @@ class Client:
         self._front_generation += 1
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self._attachment.name
 
-    def peek(self, group, key):
+    def peek(self, group: str, key: str | bytes) -> bytes | None:
         """The cached value, or None; never loads. SegmentNotFound while the cache has no
         live segment. (Replaced per instance by the segment's reader.)"""
         return self._attachment.current.get(group, key)
@@ -134,7 +134,8 @@ class Client:
         except PeerUnavailable as exc:
             raise type(unavailable)(f"{unavailable}; its front did not answer: {exc}") from None
 
-    def set(self, group, key, value, ttl=None):
+    def set(self, group: str, key: str | bytes, value: bytes | str,
+            ttl: float | None = None) -> None:
         """Store ``value`` (for ``ttl`` seconds, default the group's). On a host with peers it
         goes through the front, to the key's owner, and other hosts drop their copies."""
         store = self._live_store()
@@ -145,7 +146,7 @@ class Client:
         query = f"?ttl={check_ttl(ttl)!r}" if ttl is not None else ""
         self._cluster_write("PUT", group, key, encode_value(value), query)
 
-    def delete(self, group, key):
+    def delete(self, group: str, key: str | bytes) -> bool:
         """Remove the key (from every host, when the host has peers); True if it was there."""
         store = self._live_store()
         if not self._clustered(store):
@@ -171,7 +172,8 @@ class Client:
                             f"{data.decode(errors='replace').strip()}")
         raise LoadError(f"{status}: {data.decode(errors='replace').strip()}")
 
-    def clear(self, group=None):
+    def clear(self, group: str | None = None) -> None:
+        """Remove every entry of ``group`` (of every group when None) in this segment."""
         self._write(self._live_store(), Store.clear, group)
 
     def define_group(self, name: str, cache_bytes: int | str, ttl: float | None = None,
@@ -186,7 +188,7 @@ class Client:
         if getter is not None:
             self._groups[name] = group
 
-    def stats(self):
+    def stats(self) -> dict:
         """The segment's figures, each group's counters summed over the host's processes."""
         return host_stats(self._live_store())
 
@@ -225,7 +227,7 @@ class Client:
                 raise
         return operation(self._live_store(), *args)
 
-    def close(self):
+    def close(self) -> None:
         """Detach (idempotent). Every later call, through this client or a reference to its
         ``peek``, raises ClientClosed."""
         self.peek = self._peek_closed
@@ -236,7 +238,7 @@ class Client:
             connection[2].close()
             self._local.connection = None
 
-    def unlink(self):
+    def unlink(self) -> None:
         """Remove the segment's name (owners only; mappings stay valid until closed). A segment
         that has replaced ours under the name is not ours to remove and is left alone."""
         try:
@@ -251,10 +253,10 @@ class Client:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self):
+    def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.close()
         if self.owner:
             self.unlink()

@@ -8,6 +8,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import quote
 
 from .errors import InvalidArgument, LoadError, NotFound
@@ -28,7 +29,9 @@ class Group:
     ``ttl`` (seconds) bounds how long a loaded or set value is served; None = until evicted.
     """
 
-    def __init__(self, name, cache_bytes=DEFAULT_CACHE_BYTES, getter=None, ttl=None):
+    def __init__(self, name: str, cache_bytes: int | str = DEFAULT_CACHE_BYTES,
+                 getter: Callable[[str], bytes | str] | None = None,
+                 ttl: float | None = None) -> None:
         if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
             raise InvalidArgument(f"bad group name {name!r}: 1 to 64 of letters, digits, '_', '.', '-'")
         if getter is not None and not callable(getter):
@@ -45,7 +48,7 @@ class Group:
     def __repr__(self):
         return f"Group({self.name!r}, cache_bytes={self.cache_bytes}, ttl={self.ttl})"
 
-    def load(self, key):
+    def load(self, key: str) -> bytes:
         """Call the getter: bytes, or NotFound (KeyError) / LoadError (anything else)."""
         if self.getter is None:
             raise NotFound(f"group {self.name!r} has no getter; {key!r} is not cached")
