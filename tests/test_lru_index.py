@@ -115,15 +115,18 @@ def wait_until_past(deadline):
 
 def test_ttl_expiry_per_item_and_group_default(make_cache):
     cache = make_cache(groups={"g": 1 << 20, "short": 1 << 20})
-    cache.define_group("short", 1 << 20, ttl=0.3)
-    start = time.time()
-    cache.set("g", "brief", b"1", ttl=0.3)
+    # TTLs of 2 s leave a loaded machine ample room to read the items back
+    # before they expire; the wait runs from after the last write, so each
+    # deadline (write time + TTL) has passed when the absent checks run.
+    cache.define_group("short", 1 << 20, ttl=2.0)
+    cache.set("g", "brief", b"1", ttl=2.0)
     cache.set("g", "long", b"2", ttl=3600)
     cache.set("g", "forever", b"3")
     cache.set("short", "default", b"4")
     cache.set("short", "override", b"5", ttl=3600)
+    written = time.time()
     assert cache.peek("g", "brief") == b"1" and cache.peek("short", "default") == b"4"
-    wait_until_past(start + 0.3)
+    wait_until_past(written + 2.0)
     assert cache.peek("g", "brief") is None
     assert cache.peek("short", "default") is None
     assert cache.peek("g", "long") == b"2" and cache.peek("g", "forever") == b"3"
