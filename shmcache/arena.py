@@ -106,9 +106,11 @@ _OFFSET_OWNER_START = 592    # f64: when the owner started (for stats)
 _OFFSET_FRONT_PORT = 600     # u32: TCP port of the owner's HTTP front (0 = none)
 _OFFSET_FRONT_HOST = 608     # 64s: host it listens on (UTF-8, NUL-padded)
 _OFFSET_PEER_COUNT = 672     # u32: peers in the owner's ring (>1: writes are cluster-wide)
+_OFFSET_RETIRED = 680        # u32: 1 = its name is being removed or replaced (``retire``)
 _OFFSET_LOCK_BYTE = 0        # lock byte ranges are lock names, not data (locks.py)
 
-# Lock bytes of the segment file (names, not data; locks.py). WRITE_LOCK_BYTE = 0 is store.py's.
+# Lock bytes of the segment file (names, not data; locks.py).
+WRITE_LOCK_BYTE = 0          # the write lock (store.py)
 OWNER_LOCK_BYTE = 1          # held by the owning supervisor for as long as it runs
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
@@ -409,12 +411,15 @@ class SegmentState:
     epoch: int           # renewed by each warm restart (Arena.new_epoch)
     owner_pid: int       # the supervisor owning it; 0: none (create(), or a clean stop)
     owner_locked: bool   # someone holds OWNER_LOCK_BYTE (the owner, or a supervisor taking over)
+    retired: bool = False  # marked by ``retire``: its name is going away
 
     @property
     def usable(self):
-        """Neither orphaned nor half-made: an owner recorded in it must still hold it. A
-        segment whose owner died is never adopted again (the next supervisor starts clean)."""
-        return self.owner_pid == 0 or (self.owner_locked and pid_alive(self.owner_pid))
+        """Neither retired, orphaned nor half-made: an owner recorded in it must still hold
+        it. A segment whose owner died is never adopted again (the next supervisor starts
+        clean)."""
+        return not self.retired and (
+            self.owner_pid == 0 or (self.owner_locked and pid_alive(self.owner_pid)))
 
 
 def pid_alive(pid):
@@ -438,15 +443,51 @@ def probe(name):
         return None
     try:
         fd = lock_file.fd
-        header = os.pread(fd, _OFFSET_OWNER_PID + 4, 0)
-        if len(header) < _OFFSET_OWNER_PID + 4 or _U64.unpack_from(header, 0)[0] != MAGIC:
+        header = os.pread(fd, _OFFSET_RETIRED + 4, 0)
+        if len(header) < _OFFSET_RETIRED + 4 or _U64.unpack_from(header, 0)[0] != MAGIC:
             return None
         st = os.fstat(fd)
         return SegmentState((st.st_dev, st.st_ino), _HEADER.unpack_from(header, 0)[12],
                             _U32.unpack_from(header, _OFFSET_OWNER_PID)[0],
-                            lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE))
+                            lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE),
+                            _U32.unpack_from(header, _OFFSET_RETIRED)[0] != 0)
     finally:
         lock_file.close()
+
+
+RETIRE_LOCK_WAIT = 2.0    # seconds ``retire`` waits for the write lock before marking anyway
+
+
+def retire(path):
+    """Mark the segment file at ``path`` retired, under its write lock: from then on no
+    write commits in it (Store.locked undoes and refuses them), and attached clients leave
+    it at their next check. Whoever removes or replaces a segment's name calls this first
+    (with ``/proc/self/fd/N`` for a file it has open), so that, between a writer W and the
+    retirer R, on the write lock:
+
+        R marks before W takes the lock -> W sees the mark, undoes its step, raises.
+        W commits before R takes the lock -> W's write was made while the segment was
+          live; it is dropped with the segment like any write made just before a stop.
+
+    Through a descriptor of its own (an OFD lock that excludes every other holder, this
+    process's threads included). If a writer holds the lock longer than RETIRE_LOCK_WAIT
+    (stopped by a signal), the mark is made anyway and False returned: that one write may
+    still commit into the retired segment. A file that is no published segment is left
+    untouched."""
+    lock_file = LockFile(path)
+    try:
+        head = os.pread(lock_file.fd, 8, 0)
+        if len(head) < 8 or _U64.unpack_from(head, 0)[0] != MAGIC:
+            return False
+        deadline = time.monotonic() + RETIRE_LOCK_WAIT
+        locked = lock_file.try_lock_byte(WRITE_LOCK_BYTE)
+        while not locked and time.monotonic() < deadline:
+            time.sleep(0.001)             # writers hold the lock for microseconds
+            locked = lock_file.try_lock_byte(WRITE_LOCK_BYTE)
+        os.pwrite(lock_file.fd, _U32.pack(1), _OFFSET_RETIRED)
+        return locked
+    finally:
+        lock_file.close()                 # releases the lock
 
 
 _CREATING = ".creating-"

@@ -17,8 +17,11 @@ What an attached client does about it:
              new segment. A hit pays nothing for any of this (reader.py); the price is that
              a read may come from a segment that died up to about one interval earlier,
              that is a value the cache held at that moment.
-    writes   checked under the write lock before they commit (Store.locked): a write into
-             a dead segment is undone, then retried once on the live one or refused.
+    writes   whoever removes or replaces a segment marks it retired under the write lock
+             first (arena.retire); a write finding the mark before it commits is undone
+             (Store.locked), then retried once on the live one or refused. A name removed
+             by hand, or a segment whose owner died, is not marked: writes go on landing
+             in it until the watcher's next check, like writes made just before the event.
     no seg.  every call probes for a new segment first, so one that appears is used at once.
     fork     the watcher does not survive a fork: in the child, the first read through a
              client made before the fork checks its segment and starts the child's watcher.

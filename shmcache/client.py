@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote
 
-from .arena import _OFFSET_PEER_COUNT
+from .arena import _OFFSET_PEER_COUNT, retire
 from .attachment import Attachment
 from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadError,
                      LoadTimeout, NotFound, PeerUnavailable, SegmentNotFound, ValueTooLarge)
@@ -214,9 +214,10 @@ class Client:
 
     def _write(self, store, operation, *args):
         """``operation(store, *args)``, on the live segment. The store checks, under its write
-        lock, that the segment is still live before the change commits (Store.locked), so a
-        write that returns went into the live segment; one that met a dead segment was
-        undone, and is made once more on the new one if the cache restarted meanwhile."""
+        lock, that the segment was not retired before the change commits (Store.locked), so a
+        write that returns did not go into a removed or replaced segment; one that met a
+        retired segment was undone, and is made once more on the new one if the cache
+        restarted meanwhile."""
         try:
             return operation(store, *args)
         except SegmentNotFound:
@@ -242,16 +243,21 @@ class Client:
         """Remove the segment's name (owners only; mappings stay valid until closed). A segment
         that has replaced ours under the name is not ours to remove and is left alone."""
         try:
-            st = os.stat(self._path)
+            fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             return
-        # A replacement appearing between the stat and the unlink would be removed: only a
-        # second creator racing the owner's own unlink can cause that; it then starts again.
-        if (st.st_dev, st.st_ino) == self._identity:
-            try:
-                os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+        try:
+            st = os.fstat(fd)
+            # A replacement appearing between the open and the unlink would be removed: only
+            # a second creator racing the owner's own unlink can cause that; it starts again.
+            if (st.st_dev, st.st_ino) == self._identity:
+                retire(f"/proc/self/fd/{fd}")   # attached clients stop writing into it first
+                try:
+                    os.unlink(self._path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> "Client":
         return self

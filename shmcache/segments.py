@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from .arena import (_CREATING, _OFFSET_CLEAN, _OFFSET_OWNER_PID, HEADER_BYTES, MAGIC,
-                    OWNER_LOCK_BYTE, _HEADER, _U32, pid_alive, shm_dir)
+                    OWNER_LOCK_BYTE, _HEADER, _U32, pid_alive, retire, shm_dir)
 from .errors import SegmentIncompatible, SegmentNotFound
 from .locks import LockFile
 from .units import format_size
@@ -140,9 +140,15 @@ def list_segments(directory=None):
 
 
 def remove(info, directory=None):
-    """Remove the segment's name. The caller decided it may go."""
+    """Remove the segment's name, marking it retired first so that clients still attached
+    stop writing into it (arena.retire). The caller decided it may go."""
+    path = os.path.join(directory or shm_dir(), info.name)
     try:
-        os.unlink(os.path.join(directory or shm_dir(), info.name))
+        try:
+            retire(path)
+        except PermissionError:         # another user's: the unlink says what is possible
+            pass
+        os.unlink(path)
         return True
     except FileNotFoundError:
         return False

@@ -11,12 +11,15 @@ it a writer marks the header word WRITER_PID with its pid and clears it when don
 B finds the mark set only if a previous holder died; a live holder never lets another in.
 A Python exception inside a step takes the same repair path at once, in the same process.
 
-**Dead segments.** A store whose ``verify_identity`` is set (connect() clients) checks,
-under the write lock and before each step commits, that the segment is still the live one
-of its name (``check_current``); if not, the step is undone and SegmentNotFound raised, so
-no write into a dead segment is reported as done. **Diverting**: ``divert(detour)`` sends
-this store's lock-free readers to ``detour(group, key)`` instead of its memory (a client
-that moved to a new segment, or was closed); the readers pay nothing for it (reader.py).
+**Dead segments.** Whoever removes or replaces a segment's name first marks it retired
+under the write lock (arena.retire). A store whose ``verify_identity`` is set (connect()
+clients) reads that mark under the write lock before each step commits; if set, the step is
+undone and SegmentNotFound raised, so no write into a removed or replaced segment is
+reported as done. A name removed by hand (``rm``) is not marked, nor is a segment whose
+owner died before a new one replaced it: clients notice those at their watcher's next
+check (attachment.py). **Diverting**: ``divert(detour)`` sends this store's lock-free
+readers to ``detour(group, key)`` instead of its memory (a client that moved to a new
+segment, or was closed); the readers pay nothing for it (reader.py).
 """
 
 import logging
@@ -24,8 +27,8 @@ import os
 import struct
 import time
 
-from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_TX_ACTIVE, _OFFSET_WRITER_PID,
-                    OWNER_LOCK_BYTE, Arena, pid_alive)
+from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_RETIRED, _OFFSET_TX_ACTIVE,
+                    _OFFSET_WRITER_PID, OWNER_LOCK_BYTE, WRITE_LOCK_BYTE, Arena, pid_alive)
 from .errors import InvalidArgument, SegmentNotFound, UnknownGroup, ValueTooLarge
 from .journal import Journal
 from .locks import LockFile
@@ -36,8 +39,6 @@ from .slabs import STATE_HOT, Slabs
 from .units import parse_size
 
 log = logging.getLogger("shmcache")
-
-WRITE_LOCK_BYTE = 0
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
 
@@ -198,18 +199,22 @@ class Store:
         raise SegmentNotFound(f"segment {self.arena.name!r} is no longer read by this process")
 
     def check_current(self):
-        """SegmentNotFound unless this segment is still the live one of its name: the name
-        points to our file, and the supervisor recorded as its owner (if any) still holds
-        OWNER_LOCK_BYTE. A stat and a lock query, a few microseconds."""
+        """SegmentNotFound unless this segment is still the live one of its name: not
+        retired, the name points to our file, and the supervisor recorded as its owner (if
+        any) still holds OWNER_LOCK_BYTE. A stat and a lock query, a few microseconds: the
+        watcher's check (attachment.py), not the write path's."""
         arena = self.arena
-        if not arena.is_named():
-            raise SegmentNotFound(f"segment {arena.name!r} was removed or replaced "
-                                  f"(the cache restarted or stopped)")
+        if _U32.unpack_from(self.buf, _OFFSET_RETIRED)[0] or not arena.is_named():
+            raise self._removed()
         owner = arena.get_u32(_OFFSET_OWNER_PID)
         if owner and not (self.lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE)
                           and pid_alive(owner)):
             raise SegmentNotFound(f"the supervisor that owned segment {arena.name!r} died; "
                                   f"waiting for a new one")
+
+    def _removed(self):
+        return SegmentNotFound(f"segment {self.arena.name!r} was removed or replaced "
+                               f"(the cache restarted or stopped)")
 
     def define_group(self, name, cache_bytes, ttl=None):
         """Create the group or change its budget/TTL (a smaller budget evicts at once)."""
@@ -290,8 +295,8 @@ class Store:
     def locked(self, operation, *args):
         """Run ``operation(*args)`` as the only writer on the segment, inside a journal step;
         repairs first if the previous writer died. Returns what ``operation`` returns.
-        With ``verify_identity``: SegmentNotFound, and nothing changed, if the segment is no
-        longer the live one of its name."""
+        With ``verify_identity``: SegmentNotFound, and nothing changed, if the segment was
+        retired (its name removed or replaced) before the step could commit."""
         buf = self.buf
         if buf is None:
             raise ValueError("store is closed")
@@ -303,21 +308,10 @@ class Store:
             self.journal.begin()
             try:
                 result = operation(*args)
-                if self.verify_identity:
-                    # Written, not committed. Why checking now is enough (C: this writer;
-                    # S: a supervisor replacing or dropping the segment; N: its name):
-                    #   S removes or replaces N before C's stat -> C undoes, raises.
-                    #   S does so after C's stat -> C's change was made while N pointed
-                    #     here; it is as good as any write made just before the stop:
-                    #     kept by a warm restart, dropped with the rest by a clean start.
-                    #   A name never returns to a removed file, so "N points here" at the
-                    #     stat means it did so throughout the write.
-                    #   The owner died before C's lock query -> no one holds its byte
-                    #     (the kernel drops a killed holder's lock) -> C undoes, raises.
-                    #   A new supervisor holds the owner byte while it decides whether
-                    #     to adopt or discard a crashed segment: the owner recorded is
-                    #     still the dead one until it adopts -> C undoes, raises.
-                    self.check_current()
+                if self.verify_identity and _U32.unpack_from(buf, _OFFSET_RETIRED)[0]:
+                    # Written, not committed, and the segment was retired meanwhile (the
+                    # interleavings are in arena.retire): undo (below) and refuse.
+                    raise self._removed()
                 self.journal.commit()
                 return result
             except BaseException:

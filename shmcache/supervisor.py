@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .arena import (_OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, _OFFSET_PEER_COUNT,
-                    DEFAULT_MAX_GROUPS, OWNER_LOCK_BYTE)
+                    DEFAULT_MAX_GROUPS, OWNER_LOCK_BYTE, retire)
 from .errors import SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound
 from .group import AppError, check_groups, demo_groups, load_app, origin_group, DEMO_SCORES
 from .locks import LockFile
@@ -400,6 +400,7 @@ class Supervisor:
             return True
         log.info("clean start: discarding the segment %s left under the name (%s)",
                  config.name, reason)
+        retire(f"/proc/self/fd/{owner_lock.fd}")   # clients' writes into it stop here
         if store is not None:
             store.close()
         # Safe against a racing supervisor: we hold the owner lock on this file, so a second
@@ -511,6 +512,7 @@ class Supervisor:
             else:
                 # Still holding the owner lock: no other supervisor has adopted this file.
                 if _same_file(arena):
+                    retire(f"/proc/self/fd/{arena.fd}")
                     arena.unlink()
                     log.info("removed segment %s%s", arena.name,
                              "" if clean else " (not a clean stop)")

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
-from .arena import OWNER_LOCK_BYTE
+from .arena import OWNER_LOCK_BYTE, retire
 from .errors import NotFound, PeerUnavailable, ValueTooLarge
 from .lru_index import encode_key
 from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER_ERRORS,
@@ -318,6 +318,7 @@ class Worker:
             if os.stat(store.arena.path).st_ino != os.fstat(store.arena.fd).st_ino:
                 return
             if store.lock_file.try_lock_byte(OWNER_LOCK_BYTE):
+                retire(f"/proc/self/fd/{store.arena.fd}")
                 os.unlink(store.arena.path)
                 log.warning("worker %d: supervisor died; removed its segment %s", self.index,
                             store.arena.name)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import shmcache
+from shmcache.arena import retire
 from shmcache.store import Store
 
 from conftest import REPO, Supervised
@@ -102,6 +103,8 @@ def test_client_follows_a_supervisor_killed_and_restarted(group_supervised):
         assert cache.get("test", "k") == b"value-of-k"
         cache.set("test", "old", b"written before the crash")
 
+        plain = Store.attach(first.name)            # no watcher: the write path's own check
+        plain.verify_identity = True
         first.kill_group()
         # The segment is still there, but its owner is dead: nothing is served from it and
         # no write into it is reported as done.
@@ -115,6 +118,10 @@ def test_client_follows_a_supervisor_killed_and_restarted(group_supervised):
             cache.delete("test", "old")
 
         second = group_supervised(first)           # same port, same segment name
+        # The new supervisor retired the crashed segment before replacing it.
+        with pytest.raises(shmcache.SegmentNotFound, match="removed or replaced"):
+            plain.set("test", "into-the-dead-one", b"refused")
+        plain.close()
         status, _body, _headers = second.request("PUT", "/cache/test/k", body=b"new value")
         assert status == 200
         wait_until(lambda: read_or_none(cache, "test", "k") == b"new value",
@@ -194,6 +201,50 @@ def test_a_write_into_a_replaced_segment_is_undone_and_refused(segment_name):
         if new_owner is not None:
             new_owner.close()
             new_owner.unlink()
+
+
+def test_no_write_that_starts_after_retire_returns_is_reported_done(segment_name):
+    """arena.retire against a writer hammering the segment: writes reported done are in it,
+    the first write begun after retire() returned is refused and undone."""
+    owner = shmcache.create(segment_name, "16MiB", max_item_size="64KiB")
+    owner.define_group("g", "8MiB")
+    store = Store.attach(segment_name)
+    store.verify_identity = True
+    done, refused, late = [], [], []
+    retired = threading.Event()
+
+    def writer():
+        for i in range(1_000_000):
+            began_after = retired.is_set()
+            try:
+                store.set("g", f"k{i}", b"v")
+            except shmcache.SegmentNotFound:
+                refused.append(i)
+                return
+            done.append(i)
+            if began_after:
+                late.append(i)
+
+    thread = threading.Thread(target=writer)
+    try:
+        thread.start()
+        wait_until(lambda: len(done) >= 200, "the writer is under way")
+        assert retire(f"/proc/self/fd/{store.arena.fd}") is True    # got the write lock
+        retired.set()
+        thread.join(timeout=DEADLINE)
+        assert not thread.is_alive()
+        assert late == [] and len(refused) == 1
+        assert store.get("g", f"k{refused[0]}") is None            # undone, not only refused
+        assert all(store.get("g", f"k{i}") == b"v" for i in done)  # 8 MiB holds them all
+        with pytest.raises(shmcache.SegmentNotFound, match="removed or replaced"):
+            store.delete("g", "k0")
+        assert store.get("g", "k0") == b"v"
+    finally:
+        retired.set()
+        thread.join(timeout=DEADLINE)
+        store.close()
+        owner.close()
+        owner.unlink()
 
 
 def test_a_write_racing_a_replacement_lands_in_the_new_segment(segment_name):

@@ -9,9 +9,12 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from conftest import REPO, SEGMENT_PREFIX
 from shmcache.arena import segment_path, shm_dir
+from shmcache.errors import SegmentNotFound
+from shmcache.store import Store
 
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 
@@ -56,6 +59,9 @@ def test_prune_removes_the_segment_of_a_killed_supervisor_and_keeps_a_serving_on
     dead.request("PUT", "/cache/test/a", body=b"1")
     dead_pid = dead.proc.pid
     kill_everyone(dead)
+    orphan = Store.attach(dead.name)           # a client left attached to the dead segment
+    orphan.verify_identity = True
+    orphan.set("test", "b", b"accepted while the name stands")
     live = supervised(APP)
     stranger = os.path.join(shm_dir(), f"{SEGMENT_PREFIX}not-a-segment-{os.getpid()}")
     with open(stranger, "wb") as other:
@@ -64,7 +70,7 @@ def test_prune_removes_the_segment_of_a_killed_supervisor_and_keeps_a_serving_on
         found = listed()
         assert found[dead.name]["state"] == "dead"
         assert found[dead.name]["owner_pid"] == dead_pid
-        assert found[dead.name]["items"] == 1
+        assert found[dead.name]["items"] == 2
         assert found[dead.name]["size"] == 32 << 20
         assert found[live.name]["state"] == "serving"
         assert found[live.name]["owner_pid"] == live.proc.pid
@@ -79,10 +85,15 @@ def test_prune_removes_the_segment_of_a_killed_supervisor_and_keeps_a_serving_on
         assert code == 0, err
         assert f"removed segment {dead.name}" in out
         assert not os.path.exists(segment_path(dead.name))
+        with pytest.raises(SegmentNotFound, match="removed or replaced"):
+            orphan.set("test", "c", b"refused: the prune retired it")
         assert os.path.exists(segment_path(live.name))
         assert os.path.exists(stranger)
+        with open(stranger, "rb") as other:
+            assert other.read() == b"x" * 8192        # not a segment: never written to
         assert live.get("test", "still")[:2] == (200, b"value-of-still")
     finally:
+        orphan.close()
         os.unlink(stranger)
 
 
