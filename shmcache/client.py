@@ -375,7 +375,8 @@ def create(name: str, memory: int | str = "64MiB", *,
                                       f"name to byte budget, not {type(group).__name__}")
     names = [group.name for group in wanted]
     if len(set(names)) != len(names):
-        raise InvalidArgument(f"groups named twice: {sorted({n for n in names if names.count(n) > 1})}")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidArgument(f"groups named twice: {twice}")
 
     def define(store):
         for group in wanted:

@@ -33,7 +33,8 @@ class Group:
                  getter: Callable[[str], bytes | str] | None = None,
                  ttl: float | None = None) -> None:
         if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
-            raise InvalidArgument(f"bad group name {name!r}: 1 to 64 of letters, digits, '_', '.', '-'")
+            raise InvalidArgument(f"bad group name {name!r}: 1 to 64 of letters, digits, "
+                                  f"'_', '.', '-'")
         if getter is not None and not callable(getter):
             raise TypeError(f"getter of group {name!r} is not callable")
         self.name = name

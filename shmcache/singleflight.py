@@ -180,7 +180,7 @@ class HostFlights:
             if time.monotonic() > deadline:
                 self.store.locked(self._leave, slot, ticket)
                 raise LoadTimeout(f"timed out after {self.load_timeout:.0f}s waiting for "
-                                f"another process to load {key!r}")
+                                  f"another process to load {key!r}")
             time.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 

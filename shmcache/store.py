@@ -67,7 +67,7 @@ class Store:
     arena = None
     lock_file = None
     counters = None
-    verify_identity = False     # check under the write lock that the segment is still live
+    verify_identity = False     # refuse, under the write lock, writes into a retired segment
     detour = None               # (group, key) -> value: where diverted readers go instead
 
     def __init__(self, arena):

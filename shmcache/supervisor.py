@@ -1,8 +1,8 @@
 """``python -m shmcache.supervisor``: one host's arbiter.
 
-It loads the groups, opens the arena (with ``--warm-restart``, re-attaching the one the last
-supervisor of that name kept at a clean stop), binds the listening socket, forks the workers, replaces any that die, and on
-SIGTERM/SIGINT drains and stops them. Signal handlers only enqueue; the main loop
+It loads the groups, opens the arena (with ``--warm-restart``, re-attaching the one the
+last supervisor of that name kept at a clean stop), binds the listening socket, forks the
+workers, replaces any that die, and on SIGTERM/SIGINT drains and stops them. Signal handlers only enqueue; the main loop
 dispatches. While it runs it holds an OFD lock on OWNER_LOCK_BYTE of the segment, so a
 second supervisor can tell a live owner from a dead one.
 

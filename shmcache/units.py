@@ -14,7 +14,8 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 
 
 def parse_size(text) -> int:
-    """Return a byte count for an int or a string such as ``"256MiB"``; InvalidArgument (a ValueError) otherwise."""
+    """Return a byte count for an int or a string such as ``"256MiB"``; InvalidArgument (a
+    ValueError) otherwise."""
     if isinstance(text, bool):
         raise InvalidArgument(f"not a byte size: {text!r}")
     if isinstance(text, int):
