@@ -228,6 +228,9 @@ class SyncMemoized(_Memoized):
             ours = future is None
             if ours:
                 future = self._in_flight[key] = Future()
+                future.joined = 0                 # threads waiting for it, for figures
+            else:
+                future.joined += 1
         if not ours:
             return future.result()                # the result, or the exception, of ours
         try:
