@@ -18,13 +18,13 @@ import functools
 import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import harness  # noqa: E402
 import shmcache  # noqa: E402
 from shmcache import attachment  # noqa: E402
 from shmcache.store import Store  # noqa: E402
@@ -63,48 +63,33 @@ def diskcache_backend(tmp):
 
 
 def memcached_backend(tmp):
-    binary = shutil.which("memcached")
-    if not binary:
-        return None, "memcached is not installed (apt-get install memcached)"
-    from pymemcache.client.base import Client
     sock = os.path.join(tmp, "memcached.sock")
-    server = subprocess.Popen([binary, "-s", sock, "-m", "512", "-u", "root", "-t", "2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_socket(sock)
+    server, why = harness.start_memcached(sock)
+    if server is None:
+        return None, why
+    from pymemcache.client.base import Client
 
     def factory():
         client = Client(f"unix:{sock}", no_delay=True)
         return client.get, lambda key, value: client.set(key, value, noreply=False)
-    return factory, lambda: (server.terminate(), server.wait())
+    return factory, lambda: harness.stop(server)
 
 
 def redis_backend(tmp):
-    binary = shutil.which("redis-server")
-    if not binary:
-        return None, "redis-server is not installed (apt-get install redis-server)"
-    import redis
     sock = os.path.join(tmp, "redis.sock")
-    server = subprocess.Popen([binary, "--port", "0", "--unixsocket", sock, "--save", "",
-                               "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_socket(sock)
+    server, why = harness.start_redis(sock)
+    if server is None:
+        return None, why
+    import redis
 
     def factory():
         client = redis.Redis(unix_socket_path=sock)
         return client.get, client.set
-    return factory, lambda: (server.terminate(), server.wait())
+    return factory, lambda: harness.stop(server)
 
 
 BACKENDS = {"shmcache": shmcache_backend, "dict": dict_backend, "diskcache": diskcache_backend,
             "memcached": memcached_backend, "redis": redis_backend}
-
-
-def wait_for_socket(path, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server did not create {path}")
-        time.sleep(0.01)
 
 
 # -- measurement ------------------------------------------------------------------------------

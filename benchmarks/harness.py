@@ -2,6 +2,7 @@
 
 import http.client
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,3 +46,39 @@ def start_supervisor(app, workers=4, memory="64MiB", extra=(), port=None):
          "--log-level", "warning", *extra], env=ENV)
     wait_http(port)
     return proc, port, name
+
+
+def wait_for_socket(path, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server did not create {path}")
+        time.sleep(0.01)
+
+
+def start_memcached(sock):
+    """A memcached process listening on the unix socket ``sock``, or the reason why not."""
+    binary = shutil.which("memcached")
+    if not binary:
+        return None, "memcached is not installed (apt-get install memcached)"
+    server = subprocess.Popen([binary, "-s", sock, "-m", "512", "-u", "root", "-t", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_socket(sock)
+    return server, None
+
+
+def start_redis(sock):
+    """A redis-server process listening on the unix socket ``sock`` only, or the reason."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        return None, "redis-server is not installed (apt-get install redis-server)"
+    server = subprocess.Popen([binary, "--port", "0", "--unixsocket", sock, "--save", "",
+                               "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_socket(sock)
+    return server, None
+
+
+def stop(server):
+    server.terminate()
+    server.wait()
