@@ -11,7 +11,9 @@ Two modes, told apart by LOCATION::
                            OPTIONS: group ("django"; the supervisor defines it), token,
                            load (False: a miss is a miss; True: a miss is loaded by the
                            group's getter through the host, and a key it does not know
-                           is a miss).
+                           is a miss). On a host with peers, a key this host does not hold
+                           is asked of its owner (set sent it there): give Django a group
+                           without a getter, and a miss stays a miss.
 
 Every process of the host shares the entries: a value set by one gunicorn worker is read by
 the next request in any other at once, from shared memory, with no network hop.
@@ -321,7 +323,11 @@ class ShmCache(BaseCache):
         return min(timeout, MAX_TTL) if timeout > 0 else 0
 
     def _peek(self, client, key):
-        if not self._load:
+        """The stored bytes, or None. From this host's memory, unless misses load (OPTIONS
+        load) or the host has peers: then the key's owner is asked, since what a set sent
+        there is in its memory, not ours (give Django a group without a getter there, and
+        a miss stays a miss)."""
+        if not (self._load or self.spec.host and client.clustered):
             return client.peek(self.group, key)
         try:
             return client.get(self.group, key)

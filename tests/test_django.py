@@ -4,7 +4,6 @@ sharing an embedded segment, and host mode against a real supervisor."""
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -313,3 +312,20 @@ def test_host_mode_against_a_running_supervisor(supervised):
         "KEY_FUNCTION": lambda key, prefix, version: key})
     assert loading.get("Sam") == 567                        # loaded by the host's getter
     assert loading.get("Nobody", "default") == "default"    # the getter's KeyError: a miss
+
+
+def test_host_mode_on_a_host_with_peers(cluster):
+    """With peers, set and delete go cluster-wide; add, incr and touch have no atomic
+    cluster-wide form and are done as Django's base class does them, a get then a set. A get
+    asks the key's owner, where the set went."""
+    one, two = cluster(2)
+    cache = ShmCache(f"segment:{one.name}", {"OPTIONS": {"group": "scores"}})
+    other = ShmCache(f"segment:{two.name}", {"OPTIONS": {"group": "scores"}})
+    assert cache._run(lambda client: client.clustered)
+    for key in ("a", "b", "c", "d"):
+        cache.set(key, 41)
+        assert cache.incr(key) == 42
+        assert other.get(key) == 42                         # from the key's owner, either host
+    assert cache.add("a", 1) is False and cache.add("new", 1) is True
+    assert cache.touch("a", 60) is True and cache.touch("missing", 60) is False
+    assert cache.delete("new") is True and cache.get("new") is None
