@@ -33,7 +33,8 @@ less = expire at once (the key is removed), default TIMEOUT (300 s). A value lar
 max_item_size (or the group's budget) is not stored, as memcached does: ``set`` removes the
 key's old value and returns, ``add`` returns False, ``set_many`` lists the key as failed.
 MAX_ENTRIES and CULL_FREQUENCY are accepted and ignored: the segment is bounded by bytes
-and evicts least recently used entries (CLOCK) when it is full.
+and evicts least recently used entries (CLOCK) when it is full. ``clear()`` empties the
+group in this host's segment (on a host with peers, the other hosts keep their entries).
 
 ``close()`` (which Django calls at the end of each request) does nothing: the process keeps
 its mapping, and the segment is never removed by a backend. ``python -m shmcache.segments
@@ -160,10 +161,12 @@ class _Embedded:
                 client = connect(name=self.name)
             except SegmentNotFound:
                 try:
-                    return create(self.name, self.memory, max_item_size=self.max_item_size,
-                                  groups=[Group(self.group, self.budget(planned))])
+                    client = create(self.name, self.memory, max_item_size=self.max_item_size,
+                                    groups=[Group(self.group, self.budget(planned))])
                 except SegmentInUse:
                     continue                     # another process made it first: attach
+                client._live_store().start_counting()   # in stats, as connect()'s are
+                return client
             except SegmentIncompatible as exc:
                 self._rebuild(exc)
                 continue
