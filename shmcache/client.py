@@ -171,6 +171,39 @@ class Client:
             return self._write(store, Store.delete, group, key)
         return self._cluster_write("DELETE", group, key)["deleted"]
 
+    # Atomic on this host: one step under the segment's write lock, whichever processes race.
+    # A host with peers has no cluster-wide form of them: they refuse (see ``clustered``).
+
+    def add(self, group: str, key: str | bytes, value: bytes | str,
+            ttl: float | None = None) -> bool:
+        """Store ``value`` (as ``set``) only if the key holds no live value; True if stored.
+        Of processes adding one key at once, exactly one gets True."""
+        return self._host_write("add", Store.add, group, key, value, ttl)
+
+    def incr(self, group: str, key: str | bytes, delta: int = 1) -> int | None:
+        """Add ``delta`` to the whole number the key holds as decimal digits (b"41" -> 42),
+        keeping its expiry; the new number, or None if the key holds no live value.
+        NotAnInteger if the value is anything else."""
+        return self._host_write("incr", Store.incr, group, key, delta)
+
+    def touch(self, group: str, key: str | bytes, ttl: float | None = None) -> bool:
+        """Give a live key a new expiry: ``ttl`` seconds from now (default the group's);
+        True if the key was there."""
+        return self._host_write("touch", Store.touch, group, key, ttl)
+
+    @property
+    def clustered(self) -> bool:
+        """True if this host has peers: ``set`` and ``delete`` then go cluster-wide, and the
+        host-local ``add``, ``incr`` and ``touch`` refuse."""
+        return self._clustered(self._live_store())
+
+    def _host_write(self, what, operation, *args):
+        store = self._live_store()
+        if self._clustered(store):
+            raise InvalidArgument(f"{what}() is atomic on one host only, and the host of "
+                                  f"segment {self.name!r} has peers")
+        return self._write(store, operation, *args)
+
     @staticmethod
     def _clustered(store):
         return store.arena.get_u32(_OFFSET_PEER_COUNT) > 1

@@ -44,6 +44,10 @@ class ValueTooLarge(ShmcacheError, ValueError):
     """The value exceeds the max item size or the group's whole byte budget; nothing was stored."""
 
 
+class NotAnInteger(ShmcacheError, TypeError):
+    """``incr`` met a value that is not a whole number in decimal digits (or a non-int delta)."""
+
+
 class InvalidKey(ShmcacheError, ValueError):
     """The key is empty, too long, or not str/bytes."""
 

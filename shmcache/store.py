@@ -24,23 +24,26 @@ segment, or was closed); the readers pay nothing for it (reader.py).
 
 import logging
 import os
+import re
 import struct
 import time
 
 from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_RETIRED, _OFFSET_TX_ACTIVE,
                     _OFFSET_WRITER_PID, OWNER_LOCK_BYTE, WRITE_LOCK_BYTE, Arena, pid_alive)
-from .errors import InvalidArgument, SegmentNotFound, UnknownGroup, ValueTooLarge
+from .errors import (InvalidArgument, NotAnInteger, SegmentNotFound, UnknownGroup,
+                     ValueTooLarge)
 from .journal import Journal
 from .locks import LockFile
 from .lru_index import Index, encode_key
 from .metrics import Counters
 from .reader import make_reader
-from .slabs import STATE_HOT, Slabs
+from .slabs import STATE_HOT, STATE_LIVE, Slabs
 from .units import parse_size
 
 log = logging.getLogger("shmcache")
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
+_DECIMAL = re.compile(rb"-?[0-9]{1,4000}")
 
 
 def encode_value(value):
@@ -60,6 +63,14 @@ def check_ttl(ttl):
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < 1e9:
         raise InvalidArgument(f"ttl must be a positive number of seconds or None, not {ttl!r}")
     return float(ttl)
+
+
+def decimal_value(value):
+    """The whole number a value holds as decimal ASCII digits (what ``incr`` works on, as in
+    memcached); NotAnInteger if it holds anything else."""
+    if not _DECIMAL.fullmatch(value):
+        raise NotAnInteger("the value is not a whole number in decimal digits")
+    return int(value)
 
 
 class Store:
@@ -248,10 +259,69 @@ class Store:
         data = encode_key(key)
         value = encode_value(value)
         now = time.time()
-        if expire_at is None:
-            ttl = check_ttl(ttl) if ttl is not None else self.index.group_ttl(gid)
-            expire_at = now + ttl if ttl else None
+        expire_at = self._expiry(gid, ttl, expire_at, now)
         self.locked(self.index.store, gid, data, value, expire_at, now)
+
+    def _expiry(self, gid, ttl, expire_at, now):
+        """The Unix time an entry written now expires at (None: never): ``expire_at`` if
+        given, else ``now + ttl``, else the group's TTL."""
+        if expire_at is not None:
+            return expire_at
+        ttl = check_ttl(ttl) if ttl is not None else self.index.group_ttl(gid)
+        return now + ttl if ttl else None
+
+    # Read-modify-write operations: each one step under the write lock (``locked`` is not
+    # re-entrant: the *_locked parts call the Index only), so processes racing on a key
+    # see them one after the other.
+
+    def add(self, group, key, value, ttl=None, expire_at=None):
+        """Store ``value`` as ``set`` does, but only if the key holds no live value; True if
+        stored. Of processes adding one key at once, exactly one gets True."""
+        gid = self.group_id(group)
+        data, value = encode_key(key), encode_value(value)
+        now = time.time()
+        return self.locked(self._add_locked, gid, data, value,
+                           self._expiry(gid, ttl, expire_at, now), now)
+
+    def _add_locked(self, gid, data, value, expire_at, now):
+        if self.index.lookup_locked(gid, data, now) is not None:
+            return False
+        return self.index.store(gid, data, value, expire_at, now)
+
+    def incr(self, group, key, delta=1):
+        """Add ``delta`` to the whole number the key holds in decimal digits, atomically; the
+        key keeps its expiry. The new number, or None if the key holds no live value.
+        NotAnInteger if the value is anything else (nothing changes then)."""
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise NotAnInteger(f"delta must be an int, not {type(delta).__name__}")
+        gid = self.group_id(group)
+        return self.locked(self._incr_locked, gid, encode_key(key), delta, time.time())
+
+    def _incr_locked(self, gid, data, delta, now):
+        found = self.index.lookup_locked(gid, data, now, with_expiry=True)
+        if found is None:
+            return None
+        value, expire_at, hot = found
+        number = decimal_value(value) + delta
+        self.index.store(gid, data, b"%d" % number, expire_at, now,
+                         STATE_HOT if hot else STATE_LIVE)
+        return number
+
+    def touch(self, group, key, ttl=None, expire_at=None):
+        """Give a live key a new expiry (``ttl`` / ``expire_at`` as in ``set``); True if the
+        key was there."""
+        gid = self.group_id(group)
+        now = time.time()
+        return self.locked(self._touch_locked, gid, encode_key(key),
+                           self._expiry(gid, ttl, expire_at, now), now)
+
+    def _touch_locked(self, gid, data, expire_at, now):
+        found = self.index.lookup_locked(gid, data, now, with_expiry=True)
+        if found is None:
+            return False
+        value, _old_expiry, hot = found
+        return self.index.store(gid, data, value, expire_at, now,
+                                STATE_HOT if hot else STATE_LIVE)
 
     def check_fits(self, group, key, value):
         """ValueTooLarge (or InvalidKey) if ``set`` would refuse this value; stores nothing."""
