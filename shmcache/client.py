@@ -5,6 +5,7 @@ address its supervisor wrote into the segment), which loads it once for the whol
 Nothing heavy is imported here (no requests, no protobuf), so attaching stays cheap.
 """
 
+import base64
 import contextlib
 import http.client
 import json
@@ -363,6 +364,30 @@ def fetch_answer(status, body):
     if status == 504:
         raise LoadTimeout(reason)
     raise LoadError(f"{status}: {reason}")
+
+
+# The status of a key that failed in a batch answer -> the error it stands for alone.
+_BATCH_FAILURES = {502: PeerUnavailable, 504: LoadTimeout}
+
+
+def batch_get_answer(group, status, data):
+    """{key text: value} of a front's answer to ``POST /cache/<group>?op=get``, without the
+    keys that do not exist; else the answer's error, or, if some keys failed to load,
+    LoadError naming them (LoadTimeout or PeerUnavailable if every failure was of that
+    kind), with ``failed``: {key text: (status, reason)}."""
+    answer = json.loads(fetch_answer(status, data))
+    errors = answer.get("errors") or {}
+    if errors:
+        failed = {key: (error.get("status"), error.get("reason", "")) for key, error in
+                  sorted(errors.items())}
+        kinds = {_BATCH_FAILURES.get(status, LoadError) for status, _reason in failed.values()}
+        first, (_status, reason) = next(iter(failed.items()))
+        names = ", ".join(list(failed)[:10]) + (", ..." if len(failed) > 10 else "")
+        exc = (kinds.pop() if len(kinds) == 1 else LoadError)(
+            f"{len(failed)} keys of {group} failed to load: {names} ({first}: {reason})")
+        exc.failed = failed
+        raise exc
+    return {key: base64.b64decode(value) for key, value in answer["values"].items()}
 
 
 def write_answer(what, status, data):
