@@ -4,6 +4,8 @@ one request per key per process, cancellation, restarts, writes, close, several 
 import asyncio
 import gc
 import json
+import os
+import signal
 import subprocess
 import time
 import warnings
@@ -13,7 +15,7 @@ import pytest
 import shmcache
 from apps.counting import open_gate
 from shmcache.asyncio import connect
-from test_reattach import GroupSupervised
+from test_reattach import group_supervised  # noqa: F401 - a fixture
 
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 TOKEN = "s3cret-token"
@@ -32,6 +34,14 @@ async def wait_for(condition, what, timeout=60):
 def loads(cache, group="test"):
     """Requests that reached the front and missed there, summed over the host."""
     return cache._client.stats()["groups"][group]["loads"]
+
+
+async def waiting_gets(cache, key, count):
+    """``count`` tasks getting the cold ``key``, once its request has reached the front."""
+    before = loads(cache)
+    tasks = [asyncio.create_task(cache.get("test", key)) for _ in range(count)]
+    await wait_for(lambda: loads(cache) > before, f"the request for {key} reached the front")
+    return tasks
 
 
 def calls_of(server, key):
@@ -126,9 +136,7 @@ def test_cancelled_waiters_leave_the_load_to_the_others(supervised):
 
     async def main():
         async with connect(name=server.name) as cache:
-            before = loads(cache)
-            tasks = [asyncio.create_task(cache.get("test", "gate-cancel")) for _ in range(1000)]
-            await wait_for(lambda: loads(cache) > before, "the request reached the front")
+            tasks = await waiting_gets(cache, "gate-cancel", 1000)
             for task in tasks[::100]:
                 task.cancel()
             open_gate(server.dir, "gate-cancel")
@@ -138,16 +146,18 @@ def test_cancelled_waiters_leave_the_load_to_the_others(supervised):
             assert [r for r in results if r not in cancelled] == [b"value-of-gate-cancel"] * 990
             assert cache.peek("test", "gate-cancel") == b"value-of-gate-cancel"
 
-            # Every waiter cancelled: the load still finishes and is cached.
-            before = loads(cache)
-            tasks = [asyncio.create_task(cache.get("test", "gate-all")) for _ in range(5)]
-            await wait_for(lambda: loads(cache) > before, "the request reached the front")
+            # Every waiter cancelled: the request they shared goes on, and is answered.
+            tasks = await waiting_gets(cache, "gate-all", 5)
+            requests = asyncio.all_tasks() - set(tasks) - {asyncio.current_task()}
+            assert len(requests) == 1
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(task.cancelled() for task in tasks)
+            assert not any(request.done() for request in requests)
             open_gate(server.dir, "gate-all")
-            assert await cache.get("test", "gate-all") == b"value-of-gate-all"
-            await wait_for(lambda: cache.peek("test", "gate-all") is not None, "it is cached")
+            assert [await request for request in requests] == [b"value-of-gate-all"]
+            assert cache.peek("test", "gate-all") == b"value-of-gate-all"
         assert len(calls_of(server, "gate-cancel")) == 1
         assert len(calls_of(server, "gate-all")) == 1
     asyncio.run(main())
@@ -158,9 +168,7 @@ def test_a_failed_load_reaches_every_waiter(supervised):
 
     async def main():
         async with connect(name=server.name) as cache:
-            before = loads(cache)
-            tasks = [asyncio.create_task(cache.get("test", "gate-fail")) for _ in range(100)]
-            await wait_for(lambda: loads(cache) > before, "the request reached the front")
+            tasks = await waiting_gets(cache, "gate-fail", 100)
             open_gate(server.dir, "gate-fail")
             results = await asyncio.gather(*tasks, return_exceptions=True)
             assert all(isinstance(r, shmcache.LoadError) and "cannot load gate-fail" in str(r)
@@ -191,20 +199,6 @@ def test_a_miss_does_not_block_the_event_loop(supervised):
     asyncio.run(main())
 
 
-@pytest.fixture
-def group_supervised(tmp_path):
-    made = []
-
-    def start(**same):
-        instance = GroupSupervised(tmp_path, APP, **same)
-        made.append(instance)
-        return instance.start()
-
-    yield start
-    for instance in made:
-        instance.cleanup()
-
-
 def test_the_client_follows_a_supervisor_killed_and_restarted_on_another_port(
         group_supervised):
     first = group_supervised()
@@ -225,7 +219,7 @@ def test_the_client_follows_a_supervisor_killed_and_restarted_on_another_port(
                 while time.monotonic() < deadline:
                     await cache.get("test", "k")
                     await asyncio.sleep(0.02)
-            second = group_supervised(name=first.name)          # a new port
+            second = group_supervised(first, same_port=False)
             assert second.port != first.port
             deadline = time.monotonic() + 60
             while await get_or_none(cache, "k") is None:
@@ -234,6 +228,21 @@ def test_the_client_follows_a_supervisor_killed_and_restarted_on_another_port(
             assert cache.peek("test", "k") == b"value-of-k"      # from the new segment
             assert await cache.get("test", "after") == b"value-of-after"
             assert [k for _pid, k in second.calls()].count("after") == 1
+    asyncio.run(main())
+
+
+def test_a_kept_alive_connection_the_front_closed_is_made_again(supervised):
+    server = supervised(APP)
+
+    async def main():
+        async with connect(name=server.name) as cache:
+            assert await cache.get("test", "before") == b"value-of-before"    # kept alive
+            workers = server.worker_pids()
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            # Blocking this loop meanwhile: it does not see the connection close.
+            server.wait_for_workers(2, exclude=workers)
+            assert await cache.get("test", "after") == b"value-of-after"
     asyncio.run(main())
 
 
