@@ -225,6 +225,8 @@ class AsyncClient:
         if front is None or front.pid != os.getpid():
             if self._closed:
                 raise ClientClosed(f"this client of segment {self.name!r} is closed")
+            for old in [old for old in self._loops if old.is_closed()]:
+                del self._loops[old]         # its front may hold it (a bound Semaphore)
             front = self._loops[loop] = _LoopFront(self)
             await front.start()
         return front

@@ -390,6 +390,7 @@ def test_one_client_serves_two_event_loops_in_turn(supervised):
         assert asyncio.run(cache.get("test", "loop-1")) == b"value-of-loop-1"
         assert asyncio.run(cache.get("test", "loop-2")) == b"value-of-loop-2"
         assert asyncio.run(cache.get("test", "loop-1")) == b"value-of-loop-1"      # a hit
+        assert len(cache._loops) <= 1            # nothing kept for the first, closed loop
         asyncio.run(cache.close())
         gc.collect()
     # The first loop's kept-alive connection was closed when asyncio.run shut it down.
