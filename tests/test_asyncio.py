@@ -246,6 +246,20 @@ def test_a_kept_alive_connection_the_front_closed_is_made_again(supervised):
     asyncio.run(main())
 
 
+def test_a_front_slower_than_the_timeout_is_peer_unavailable(supervised):
+    server = supervised(APP)
+
+    async def main():
+        async with connect(name=server.name, timeout=0.5) as cache:
+            with pytest.raises(shmcache.PeerUnavailable, match="did not answer"):
+                await cache.get("test", "gate-timeout")
+            open_gate(server.dir, "gate-timeout")
+            # The connection that timed out is not used again: its late answer is not
+            # taken for the next one's.
+            assert await cache.get("test", "next") == b"value-of-next"
+    asyncio.run(main())
+
+
 def test_a_front_that_wants_a_token_raises_auth_error_without_it(supervised):
     server = supervised([*APP, "--token", TOKEN, "--token-reads"])
 
