@@ -342,6 +342,9 @@ def test_set_and_delete_on_a_cluster_go_through_the_front(cluster):
             assert await cache.delete("test", key) is True
             for host in hosts:
                 assert host.get("test", key)[0] == 404
+            hosts[1].stop()
+            with pytest.raises(shmcache.PeerUnavailable, match="only part of the cluster"):
+                await cache.set("test", key, b"half")
     asyncio.run(main())
 
 
