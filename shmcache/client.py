@@ -52,6 +52,7 @@ class Client:
         self._local = threading.local()  # per thread: (pid, front generation, HTTPConnection)
         self._groups = {}                # name -> Group whose getter this process runs on a miss
         self._flights = None             # HostFlights of the current segment, made on first load
+        self._flights_lock = threading.Lock()
         self._front_generation = 0       # bumped when the segment or its front changes
         self._path, self._identity = store.arena.path, store.arena.identity  # for unlink()
         # Sets self.peek, the hit path: the segment's own reader, one call, no wrapper.
@@ -118,10 +119,7 @@ class Client:
         """Load with this process's getter, once for every process of the host: the arena's
         in-flight table makes other processes that miss the same key wait for this load
         (or this one wait for theirs), as a supervisor's workers do."""
-        from .singleflight import HostFlights
-        flights = self._flights
-        if flights is None or flights.store is not store:
-            flights = self._flights = HostFlights(store, load_timeout=self.timeout)
+        flights = self._host_flights(store)
 
         def load_and_store():
             value = group.load(key if isinstance(key, str) else _key_text(key))
@@ -131,6 +129,26 @@ class Client:
                 pass                                       # answered, not cached
             return value
         return flights.load(store.group_id(group.name), encode_key(key), load_and_store)
+
+    def _host_flights(self, store):
+        """The host-wide singleflight of ``store``, one per client and segment."""
+        with self._flights_lock:
+            flights = self._flights
+            if flights is None or flights.store is not store:
+                from .singleflight import HostFlights
+                flights = self._flights = HostFlights(store, load_timeout=self.timeout)
+            return flights
+
+    def memoize(self, group: str, ttl: float | None = None, *, serializer=None,
+                key: "Callable | None" = None):
+        """A decorator: cache a function's results (sync or async) in ``group``, for ``ttl``
+        seconds (None: the group's TTL), and run it once per arguments across every process
+        of the host. ``serializer`` (default pickle) has dumps/loads; ``key`` is a function
+        of the same arguments whose result names the call, for arguments that cannot be
+        encoded as they are. The decorated function gains ``invalidate(*args, **kwargs)``
+        and ``key(*args, **kwargs)``. Keys, exceptions: see shmcache/memoize.py."""
+        from .memoize import memoize
+        return memoize(self, group, ttl, serializer=serializer, key=key)
 
     def _fetch_without_segment(self, group, key):
         with self._without_segment():

@@ -40,6 +40,8 @@ Slot layout (INFLIGHT_SLOT_BYTES = 512, at ``inflight_off + 512 * slot``)::
     288  error message (up to 224 bytes, UTF-8)
 """
 
+import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -121,68 +123,131 @@ class HostFlights:
                     return loader()
                 if outcome is not _TAKE_OVER:
                     return outcome
-            return self._load_as_owner(slot, ticket, loader)
+            with self._loading(slot, ticket):
+                return loader()
         return loader()
+
+    async def aload(self, gid, key, loader):
+        """``load`` for a coroutine: ``await loader()`` loads, and waiting for another
+        process's load polls on the running loop (asyncio.sleep), never blocking it. The
+        claim and the collect are short write-lock steps, as in ``load``. Whoever calls this
+        must not have two loads of one key in flight in one process (the caller's own
+        in-process singleflight sees to that): a process never waits for its own slot."""
+        for _attempt in range(3):
+            action, slot, ticket, value = self.store.locked(self._claim_or_join, gid, key)
+            if action == "hit":
+                return value
+            if action == "untracked":
+                return await loader()
+            if action == "wait":
+                outcome = await self._await(slot, ticket, gid, key)
+                if outcome is _RETRY:
+                    continue
+                if outcome is _LOAD_HERE:
+                    return await loader()
+                if outcome is not _TAKE_OVER:
+                    return outcome
+            with self._loading(slot, ticket):
+                return await loader()
+        return await loader()
+
+    def waiting(self, gid, key):
+        """How many processes wait for the load of ``key`` in flight now; None if no load of
+        it is in flight. A lock-free look, for figures and tests."""
+        loading = self._loading_slot(gid, key, self._slots(gid, key))
+        return None if loading is None else loading[3]
 
     # -- loading ----------------------------------------------------------------------------
 
-    def _load_as_owner(self, slot, ticket, loader):
-        """We hold the slot's byte lock (and it is in ``_held``): load, publish, release."""
-        state, message, value = DONE_ERROR, "load did not finish", None
+    @contextlib.contextmanager
+    def _loading(self, slot, ticket):
+        """Around our load of ``slot`` (we hold its byte lock, and it is in ``_held``):
+        publish how the load ended for the waiters, then let go of the byte."""
+        state, message = DONE_ERROR, "load did not finish"
         try:
-            value = loader()
+            yield
             state, message = DONE_OK, ""
-            return value
         except NotFound as exc:
             state, message = DONE_NOT_FOUND, str(exc)
             raise
         except LoadError as exc:
-            state, message = DONE_ERROR, str(exc)
+            message = str(exc)
+            raise
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            raise
+        except BaseException as exc:           # cancelled, interrupted
+            message = f"load did not finish ({type(exc).__name__})"
             raise
         finally:
-            try:
-                self.store.locked(self._finish, slot, ticket, state, message)
-            finally:
-                with self._guard:
-                    self._held.discard(slot)
-                self.store.lock_file.unlock_byte(INFLIGHT_LOCK_BASE + slot)
+            self._release(slot, ticket, state, message)
+
+    def _release(self, slot, ticket, state, message):
+        try:
+            self.store.locked(self._finish, slot, ticket, state, message)
+        finally:
+            with self._guard:
+                self._held.discard(slot)
+            self.store.lock_file.unlock_byte(INFLIGHT_LOCK_BASE + slot)
 
     def _wait(self, slot, ticket, gid, key):
         """Poll the slot's byte lock until the loader finishes or dies. Returns the value,
         raises its error, or returns _TAKE_OVER (the loader died: we hold the byte and load),
         _LOAD_HERE (the value was stored and is gone again) or _RETRY (slot reused)."""
-        lock_file = self.store.lock_file
-        byte = INFLIGHT_LOCK_BASE + slot
         deadline = time.monotonic() + self.load_timeout
         delay = POLL_MIN
         while True:
-            with self._guard:
-                ours = slot in self._held       # never the case by design; see module doc
-            if not ours and lock_file.try_lock_byte(byte):
-                try:
-                    outcome = self.store.locked(self._collect, slot, ticket)
-                except BaseException:
-                    lock_file.unlock_byte(byte)
-                    raise
-                if outcome is _TAKE_OVER:
-                    return outcome               # keep the byte: we are the loader now
-                lock_file.unlock_byte(byte)
-                if outcome is _RETRY:
-                    return outcome
-                state, message = outcome
-                if state == DONE_OK:
-                    value = self.store.locked(self.store.index.lookup_locked, gid, key,
-                                              time.time())
-                    return _LOAD_HERE if value is None else value
-                if state == DONE_NOT_FOUND:
-                    raise NotFound(message)
-                raise LoadError(message)
-            if time.monotonic() > deadline:
-                self.store.locked(self._leave, slot, ticket)
-                raise LoadTimeout(f"timed out after {self.load_timeout:.0f}s waiting for "
-                                  f"another process to load {key!r}")
+            outcome = self._poll(slot, ticket, gid, key, deadline)
+            if outcome is not _PENDING:
+                return outcome
             time.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
+
+    async def _await(self, slot, ticket, gid, key):
+        """``_wait`` on the running loop."""
+        deadline = time.monotonic() + self.load_timeout
+        delay = POLL_MIN
+        while True:
+            outcome = self._poll(slot, ticket, gid, key, deadline)
+            if outcome is not _PENDING:
+                return outcome
+            try:
+                await asyncio.sleep(delay)
+            except BaseException:               # cancelled: no longer a waiter
+                self.store.locked(self._leave, slot, ticket)
+                raise
+            delay = min(delay * 2, POLL_MAX)
+
+    def _poll(self, slot, ticket, gid, key, deadline):
+        """One look at the slot: _PENDING while the loader is still at it, else what
+        ``_wait`` returns. LoadTimeout (and no longer a waiter) past ``deadline``."""
+        lock_file = self.store.lock_file
+        byte = INFLIGHT_LOCK_BASE + slot
+        with self._guard:
+            ours = slot in self._held           # never the case by design; see module doc
+        if not ours and lock_file.try_lock_byte(byte):
+            try:
+                outcome = self.store.locked(self._collect, slot, ticket)
+            except BaseException:
+                lock_file.unlock_byte(byte)
+                raise
+            if outcome is _TAKE_OVER:
+                return outcome                   # keep the byte: we are the loader now
+            lock_file.unlock_byte(byte)
+            if outcome is _RETRY:
+                return outcome
+            state, message = outcome
+            if state == DONE_OK:
+                value = self.store.locked(self.store.index.lookup_locked, gid, key, time.time())
+                return _LOAD_HERE if value is None else value
+            if state == DONE_NOT_FOUND:
+                raise NotFound(message)
+            raise LoadError(message)
+        if time.monotonic() > deadline:
+            self.store.locked(self._leave, slot, ticket)
+            raise LoadTimeout(f"timed out after {self.load_timeout:.0f}s waiting for "
+                              f"another process to load {key!r}")
+        return _PENDING
 
     # -- table operations (write lock held) --------------------------------------------------
 
@@ -196,13 +261,11 @@ class HostFlights:
             return "hit", None, None, value
         buf, now = self.buf, time.time()
         slots = self._slots(gid, key)
-        for slot in slots:                       # someone loading it already?
-            offset = self.base + slot * INFLIGHT_SLOT_BYTES
-            state, _pid, ticket, _c, waiters, slot_gid, klen, _e = _SLOT.unpack_from(buf, offset)
-            if (state == LOADING and slot_gid == gid and klen == len(key)
-                    and buf[offset + _KEY_OFF:offset + _KEY_OFF + klen] == key):
-                struct.pack_into("I", buf, offset + 24, waiters + 1)
-                return "wait", slot, ticket, None
+        loading = self._loading_slot(gid, key, slots)     # someone loading it already?
+        if loading is not None:
+            slot, offset, ticket, waiters = loading
+            struct.pack_into("I", buf, offset + 24, waiters + 1)
+            return "wait", slot, ticket, None
         for slot in slots:                       # no: claim one
             offset = self.base + slot * INFLIGHT_SLOT_BYTES
             state, _pid, _t, changed, waiters, _g, _k, _e = _SLOT.unpack_from(buf, offset)
@@ -216,6 +279,17 @@ class HostFlights:
                 return "load", slot, ticket, None
         log.warning("in-flight table full around %r: loading without host-wide dedup", key)
         return "untracked", None, None, None
+
+    def _loading_slot(self, gid, key, slots):
+        """(slot, offset, ticket, waiters) of the load of ``key`` in flight, or None."""
+        buf = self.buf
+        for slot in slots:
+            offset = self.base + slot * INFLIGHT_SLOT_BYTES
+            state, _pid, ticket, _c, waiters, slot_gid, klen, _e = _SLOT.unpack_from(buf, offset)
+            if (state == LOADING and slot_gid == gid and klen == len(key)
+                    and buf[offset + _KEY_OFF:offset + _KEY_OFF + klen] == key):
+                return slot, offset, ticket, waiters
+        return None
 
     def _claimable(self, slot, state, waiters, changed, now):
         """May ``slot`` be claimed? If so we now hold its byte lock.
@@ -275,4 +349,5 @@ class HostFlights:
             struct.pack_into("I", self.buf, offset + 24, waiters - 1)
 
 
-_TAKE_OVER, _LOAD_HERE, _RETRY = object(), object(), object()    # _wait outcomes
+_TAKE_OVER, _LOAD_HERE, _RETRY, _PENDING = object(), object(), object(), object()  # _poll's
+

@@ -48,8 +48,9 @@ def test_group_counters_move_with_requests_from_every_process(supervised):
     host.request("PUT", "/cache/test/put", body=b"x")
     host.request("DELETE", "/cache/test/put")
 
-    def settled(samples):
-        return value(samples, "kcache_gets_total", group="test") >= 12
+    def settled(samples):            # the second worker may still be booting at first
+        workers = [name for (name, _labels) in samples if name == "kcache_worker_rss_bytes"]
+        return value(samples, "kcache_gets_total", group="test") >= 12 and len(workers) == 2
     samples = wait_for(host, settled)
     get = lambda name: value(samples, name, group="test")           # noqa: E731
     assert get("kcache_gets_total") == 12                         # 6 HTTP + 5 client + 1 peek
