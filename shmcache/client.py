@@ -5,6 +5,8 @@ address its supervisor wrote into the segment), which loads it once for the whol
 Nothing heavy is imported here (no requests, no protobuf), so attaching stays cheap.
 """
 
+import base64
+import contextlib
 import http.client
 import json
 import os
@@ -98,13 +100,20 @@ class Client:
         loader = self._groups.get(group)
         if loader is not None and loader.getter is not None and store is not None:
             return self._load_here(store, loader, key)
-        if store is not None:
-            if store.arena.front() is None:
-                raise NotFound(f"{group}/{key} is not cached, and segment {self.name!r} has "
-                               f"no getter for {group!r} in this process and no front to load it")
-            # The front counts this get again when it answers: count it once.
-            store.counters.add(store.group_id(group), MISSES, -1)
+        self._miss_to_front(group, key)
         return self._fetch(group, key)
+
+    def _miss_to_front(self, group, key, count=1):
+        """Before ``count`` missed keys of ``group`` go to the front: NotFound if the segment
+        has no front to load them; else take them back from the miss counter, since the
+        front counts each of these gets again when it answers."""
+        store = self._attachment.current
+        if store is None:
+            return
+        if store.arena.front() is None:
+            raise NotFound(f"{group}/{key} is not cached, and segment {self.name!r} has "
+                           f"no getter for {group!r} in this process and no front to load it")
+        store.counters.add(store.group_id(group), MISSES, -count)
 
     def _load_here(self, store, group, key):
         """Load with this process's getter, once for every process of the host: the arena's
@@ -142,13 +151,19 @@ class Client:
         return memoize(self, group, ttl, serializer=serializer, key=key)
 
     def _fetch_without_segment(self, group, key):
-        """While no live segment exists, the last known front may still answer (a new
-        supervisor whose segment this client has not found yet)."""
+        with self._without_segment():
+            return self._fetch(group, key)
+
+    @contextlib.contextmanager
+    def _without_segment(self):
+        """Around a request to the last known front while no live segment exists: it may
+        still answer (a new supervisor whose segment this client has not found yet). Raises
+        why there is no segment if there is no front to ask, or if it does not answer."""
         unavailable = self._attachment.unavailable()
         if self._attachment.front is None:
             raise unavailable
         try:
-            return self._fetch(group, key)
+            yield
         except PeerUnavailable as exc:
             raise type(unavailable)(f"{unavailable}; its front did not answer: {exc}") from None
 
@@ -161,8 +176,7 @@ class Client:
             self._write(store, Store.set, group, key, value, ttl)
             return
         store.check_fits(group, key, value)
-        query = f"?ttl={check_ttl(ttl)!r}" if ttl is not None else ""
-        self._cluster_write("PUT", group, key, encode_value(value), query)
+        self._cluster_write("PUT", group, key, encode_value(value), ttl_query(ttl))
 
     def delete(self, group: str, key: str | bytes) -> bool:
         """Remove the key (from every host, when the host has peers); True if it was there."""
@@ -210,18 +224,7 @@ class Client:
 
     def _cluster_write(self, method, group, key, body=None, query=""):
         status, data = self._front_request(method, group, key, body, query)
-        if status == 200:
-            return json.loads(data)
-        if status == 502:
-            raise PeerUnavailable(f"{method} {group}/{key} reached only part of the cluster: "
-                                  f"{data.decode(errors='replace').strip()}")
-        if status == 413:
-            raise ValueTooLarge(data.decode(errors="replace").strip())
-        if status in (401, 403):
-            raise AuthError(f"the front refused {method} {group}/{key}: a token is wanted "
-                            f"(connect(token=...) or $SHMCACHE_TOKEN): "
-                            f"{data.decode(errors='replace').strip()}")
-        raise LoadError(f"{status}: {data.decode(errors='replace').strip()}")
+        return write_answer(f"{method} {group}/{key}", status, data)
 
     def clear(self, group: str | None = None) -> None:
         """Remove every entry of ``group`` (of every group when None) in this segment."""
@@ -327,6 +330,13 @@ class Client:
             return cached[2]
         if cached is not None:
             cached[2].close()                        # the front moved, or another process's
+        host, port = self._front_address()
+        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        self._local.connection = (os.getpid(), generation, connection)
+        return connection
+
+    def _front_address(self):
+        """(host, port) to reach this host's front at; PeerUnavailable if it has none."""
         store = self._attachment.current
         front = store.arena.front() if store is not None else self._attachment.front
         if front is None:
@@ -334,34 +344,14 @@ class Client:
         host, port = front
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
-        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
-        self._local.connection = (os.getpid(), generation, connection)
-        return connection
+        return host, port
 
     def _fetch(self, group, key):
-        status, body = self._front_request("GET", group, key)
-        if status == 200:
-            return body
-        reason = body.decode(errors="replace").strip()
-        if status == 404:
-            raise NotFound(reason)
-        if status in (502, 503):
-            raise PeerUnavailable(reason)
-        if status in (401, 403):
-            raise AuthError(f"the front wants a token (connect(token=...) or "
-                            f"$SHMCACHE_TOKEN): {reason}")
-        if status == 504:
-            raise LoadTimeout(reason)
-        raise LoadError(f"{status}: {reason}")
+        return fetch_answer(*self._front_request("GET", group, key))
 
     def _front_request(self, method, group, key, body=None, query=""):
         """(status, body) of a request to this host's front for ``group``/``key``."""
-        if isinstance(key, (bytes, bytearray)):
-            try:
-                key = bytes(key).decode()
-            except UnicodeDecodeError:
-                raise InvalidKey("a key sent to the front must be UTF-8 text") from None
-        path = f"/cache/{quote(group, safe='')}/{quote(key, safe='')}{query}"
+        path = front_path(group, key) + query
         for attempt in (1, 2):                      # a kept-alive connection may have closed
             connection = self._connection()
             try:
@@ -384,6 +374,87 @@ def _key_text(key):
         return bytes(key).decode()
     except UnicodeDecodeError:
         raise InvalidKey("a key loaded by a getter must be UTF-8 text") from None
+
+
+# -- the front's /cache/ routes as a client speaks them (Client and asyncio.AsyncClient) -----
+
+def front_key(key):
+    """``key`` as the text the front's routes carry; InvalidKey if bytes that are not UTF-8."""
+    if isinstance(key, (bytes, bytearray)):
+        try:
+            return bytes(key).decode()
+        except UnicodeDecodeError:
+            raise InvalidKey("a key sent to the front must be UTF-8 text") from None
+    return key
+
+
+def front_path(group, key=None):
+    """``/cache/<group>/<key>`` (``/cache/<group>`` without a key), percent-escaped."""
+    if key is None:
+        return f"/cache/{quote(group, safe='')}"
+    return f"/cache/{quote(group, safe='')}/{quote(front_key(key), safe='')}"
+
+
+def ttl_query(ttl):
+    """The ``?ttl=SECONDS`` query of a write, or "" for the group's default TTL."""
+    return f"?ttl={check_ttl(ttl)!r}" if ttl is not None else ""
+
+
+def fetch_answer(status, body):
+    """The value a front's answer to ``GET /cache/<group>/<key>`` carries, else its error."""
+    if status == 200:
+        return body
+    reason = body.decode(errors="replace").strip()
+    if status == 404:
+        raise NotFound(reason)
+    if status in (502, 503):
+        raise PeerUnavailable(reason)
+    if status in (401, 403):
+        raise AuthError(f"the front wants a token (connect(token=...) or "
+                        f"$SHMCACHE_TOKEN): {reason}")
+    if status == 504:
+        raise LoadTimeout(reason)
+    raise LoadError(f"{status}: {reason}")
+
+
+# The status of a key that failed in a batch answer -> the error it stands for alone.
+_BATCH_FAILURES = {502: PeerUnavailable, 504: LoadTimeout}
+
+
+def batch_get_answer(group, status, data):
+    """{key text: value} of a front's answer to ``POST /cache/<group>?op=get``, without the
+    keys that do not exist; else the answer's error, or, if some keys failed to load,
+    LoadError naming them (LoadTimeout or PeerUnavailable if every failure was of that
+    kind), with ``failed``: {key text: (status, reason)}."""
+    answer = json.loads(fetch_answer(status, data))
+    errors = answer.get("errors") or {}
+    if errors:
+        failed = {key: (error.get("status"), error.get("reason", "")) for key, error in
+                  sorted(errors.items())}
+        kinds = {_BATCH_FAILURES.get(status, LoadError) for status, _reason in failed.values()}
+        first, (_status, reason) = next(iter(failed.items()))
+        names = ", ".join(list(failed)[:10]) + (", ..." if len(failed) > 10 else "")
+        exc = (kinds.pop() if len(kinds) == 1 else LoadError)(
+            f"{len(failed)} keys of {group} failed to load: {names} ({first}: {reason})")
+        exc.failed = failed
+        raise exc
+    return {key: base64.b64decode(value) for key, value in answer["values"].items()}
+
+
+def write_answer(what, status, data):
+    """The JSON a front's answer to the write ``what`` ("PUT group/key") carries, else its
+    error: PeerUnavailable if it reached only part of the cluster."""
+    if status == 200:
+        return json.loads(data)
+    reason = data.decode(errors="replace").strip()
+    if status == 502:
+        raise PeerUnavailable(f"{what} reached only part of the cluster: {reason}")
+    if status == 413:
+        raise ValueTooLarge(reason)
+    if status in (401, 403):
+        raise AuthError(f"the front refused {what}: a token is wanted "
+                        f"(connect(token=...) or $SHMCACHE_TOKEN): {reason}")
+    raise LoadError(f"{status}: {reason}")
 
 
 def connect(port: int | None = None, *, name: str | None = None,

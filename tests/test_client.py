@@ -1,6 +1,7 @@
 """connect(): hits from shared memory, misses through the host's front, clear errors."""
 
 import http.server
+import json
 import signal
 import threading
 
@@ -95,3 +96,35 @@ def test_origin_group_loads_over_http_and_caches_only_successes(supervised):
         assert server.get("scores", "Tom")[0] == 404               # no demo group with --origin
     finally:
         origin.shutdown()
+
+
+BATCH_FAILURES = [
+    # (errors of a batch get answer, the exception it raises)
+    ({"f": {"status": 500, "reason": "boom"}}, shmcache.LoadError),
+    ({"f": {"status": 504, "reason": "slow"}, "g": {"status": 504, "reason": "slow"}},
+     shmcache.LoadTimeout),
+    ({"f": {"status": 502, "reason": "owner down"}}, shmcache.PeerUnavailable),
+    ({"f": {"status": 502, "reason": "owner down"}, "g": {"status": 504, "reason": "slow"}},
+     shmcache.LoadError),
+]
+
+
+@pytest.mark.parametrize("errors, kind", BATCH_FAILURES)
+def test_a_batch_get_answer_with_failed_keys_raises_naming_them(errors, kind):
+    from shmcache.client import batch_get_answer
+    answer = json.dumps({"values": {"ok": "dmFsdWU="}, "missing": [], "errors": errors})
+    with pytest.raises(kind) as raised:
+        batch_get_answer("g", 200, answer.encode())
+    assert type(raised.value) is kind
+    assert list(raised.value.failed) == sorted(errors)
+    assert all(key in str(raised.value) for key in errors)
+
+
+def test_a_batch_get_answer_gives_the_values_and_leaves_out_missing_keys():
+    from shmcache.client import batch_get_answer
+    answer = {"values": {"a": "dmFsdWU=", "b/c": ""}, "missing": ["m"], "errors": {}}
+    assert batch_get_answer("g", 200, json.dumps(answer).encode()) == {"a": b"value", "b/c": b""}
+    with pytest.raises(shmcache.NotFound):
+        batch_get_answer("g", 404, b"unknown group 'g'")
+    with pytest.raises(shmcache.AuthError):
+        batch_get_answer("g", 401, b"missing or wrong bearer token")

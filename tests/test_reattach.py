@@ -84,9 +84,12 @@ def _alive(pid):
 def group_supervised(tmp_path):
     made = []
 
-    def start(first=None):
-        """A new supervisor, or (``first`` given) one on the same port and segment name."""
-        same = {"port": first.port, "name": first.name} if first is not None else {}
+    def start(first=None, same_port=True):
+        """A new supervisor, or (``first`` given) one on the same segment name, and on the
+        same port unless ``same_port`` is false."""
+        same = {"name": first.name} if first is not None else {}
+        if first is not None and same_port:
+            same["port"] = first.port
         instance = GroupSupervised(tmp_path, APP, **same)
         made.append(instance)
         return instance.start()

@@ -6,6 +6,7 @@ that keys starting with "slow" take). Key prefixes choose behaviour:
     missing*   KeyError (not found)        fail*   RuntimeError (load error)
     slow*      sleeps KCACHE_TEST_DELAY     die*    the first call SIGKILLs its own process
     str*       returns str                  int*    returns an int (a bad getter)
+    gate*      waits until KCACHE_TEST_DIR holds open-<key> (at most GATE_TIMEOUT seconds)
 """
 
 import os
@@ -15,6 +16,7 @@ import time
 from shmcache import Group
 
 DIRECTORY = os.environ.get("KCACHE_TEST_DIR", "/tmp")
+GATE_TIMEOUT = 60.0     # seconds a gate* key waits for its test to open it
 
 
 def record(key):
@@ -24,10 +26,24 @@ def record(key):
         log.write(f"{os.getpid()}\t{host}\t{key}\n")
 
 
+def open_gate(directory, key):
+    """Let the loads of the gate* key ``key`` finish (tests call this)."""
+    open(os.path.join(directory, "open-" + key.replace("/", "_")), "w").close()
+
+
+def wait_for_gate(key):
+    marker = os.path.join(DIRECTORY, "open-" + key.replace("/", "_"))
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def load(key):
     record(key)
     if "slow" in key:
         time.sleep(float(os.environ.get("KCACHE_TEST_DELAY", "0.5")))
+    if key.startswith("gate"):
+        wait_for_gate(key)
     if "die" in key:
         marker = os.path.join(DIRECTORY, "died-" + key.replace("/", "_"))
         try:
