@@ -12,10 +12,12 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote
 
+from . import batch
 from .arena import _OFFSET_PEER_COUNT, retire
 from .attachment import Attachment
 from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadError,
-                     LoadTimeout, NotFound, PeerUnavailable, SegmentNotFound, ValueTooLarge)
+                     LoadTimeout, NotFound, PeerUnavailable, SegmentNotFound, UnknownGroup,
+                     ValueTooLarge)
 from .group import Group
 from .lru_index import encode_key
 from .metrics import MISSES, host_stats
@@ -123,16 +125,123 @@ class Client:
             return value
         return flights.load(store.group_id(group.name), encode_key(key), load_and_store)
 
-    def _fetch_without_segment(self, group, key):
+    def _fetch_without_segment(self, group, key, fetch=None):
         """While no live segment exists, the last known front may still answer (a new
         supervisor whose segment this client has not found yet)."""
         unavailable = self._attachment.unavailable()
         if self._attachment.front is None:
             raise unavailable
         try:
-            return self._fetch(group, key)
+            return (fetch or self._fetch)(group, key)
         except PeerUnavailable as exc:
             raise type(unavailable)(f"{unavailable}; its front did not answer: {exc}") from None
+
+    def get_many(self, group: str, keys: Iterable[str | bytes]) -> dict:
+        """{key: value} of the keys that exist, keyed by the keys as given (a key given
+        twice is looked up once). Hits are read from shared memory; every miss is loaded
+        as ``get`` would, but all in one request to the front (which loads them at once),
+        or by this process's getter. If some keys failed to load, the values that did
+        load are cached all the same and LoadError is raised (LoadTimeout or
+        PeerUnavailable if every failure was one), naming the keys; its ``values`` holds
+        what was found and its ``failed`` {key: exception}. Other errors as ``get``."""
+        wanted = list(dict.fromkeys(keys))
+        found, missed = {}, []
+        peek = self.peek
+        for index, key in enumerate(wanted):
+            try:
+                value = peek(group, key)
+            except SegmentNotFound:
+                missed += wanted[index:]
+                return self._fetch_without_segment(
+                    group, missed, lambda group, keys: self._fetch_many(group, keys, found))
+            if value is None:
+                missed.append(key)
+            else:
+                found[key] = value
+        if not missed:
+            return found
+        store = self._attachment.current
+        loader = self._groups.get(group)
+        if loader is not None and loader.getter is not None and store is not None:
+            failed = {}
+            for key in missed:
+                try:
+                    found[key] = self._load_here(store, loader, key)
+                except NotFound:
+                    pass
+                except (LoadError, PeerUnavailable) as exc:
+                    failed[key] = exc
+            return _many_result(group, found, failed)
+        if store is not None:
+            if store.arena.front() is None:
+                return found                # nothing here can load them: absent
+            store.counters.add(store.group_id(group), MISSES, -len(missed))  # as in get
+        return self._fetch_many(group, missed, found)
+
+    def _fetch_many(self, group, keys, found):
+        """Load ``keys`` through the front's batch route (one request per MAX_BATCH_KEYS),
+        adding what it found to ``found``."""
+        given = {}                                  # key as text -> keys as given
+        for key in keys:
+            given.setdefault(_front_key(key), []).append(key)
+        failed = {}
+        for chunk in batch.chunks(list(given)):
+            data = self._batch_request(group, "get", {"keys": chunk})
+            try:
+                values, errors = batch.decode_get_answer(data)
+            except ValueError as exc:
+                raise LoadError(f"the front's answer to get_many of {group!r}: {exc}") from None
+            for text, value in values.items():
+                for key in given.get(text, ()):
+                    found[key] = value
+            for text, (status, reason) in errors.items():
+                for key in given.get(text, ()):
+                    failed[key] = _front_error(status, reason.encode(), f"GET {group}/{text}")
+        return _many_result(group, found, failed)
+
+    def set_many(self, group: str, mapping: Mapping[str | bytes, bytes | str],
+                 ttl: float | None = None) -> None:
+        """``set`` of every key and value of ``mapping``. Every value is checked first:
+        ValueTooLarge (or InvalidKey) and nothing is stored. On a host alone the writes
+        take the write lock once per few dozen keys; with peers they go through the front,
+        each key to its owner (PeerUnavailable, after the others are done, if a peer
+        failed)."""
+        items = list(mapping.items())
+        store = self._live_store()
+        if not self._clustered(store):
+            self._write(store, Store.set_many, group, items, ttl)
+            return
+        for key, value in items:
+            store.check_fits(group, key, value)
+        ttl = check_ttl(ttl)
+        for chunk in batch.chunks(items):
+            body = {"items": {_front_key(key): batch.b64(encode_value(value))
+                              for key, value in chunk}}
+            if ttl is not None:
+                body["ttl"] = ttl
+            self._batch_request(group, "set", body)
+
+    def delete_many(self, group: str, keys: Iterable[str | bytes]) -> int:
+        """``delete`` of every key (from every host, when the host has peers); the number
+        of keys that were there."""
+        keys = list(dict.fromkeys(keys))
+        store = self._live_store()
+        if not self._clustered(store):
+            return sum(self._write(store, Store.delete_many, group, keys))
+        deleted = 0
+        for chunk in batch.chunks(list(dict.fromkeys(map(_front_key, keys)))):
+            deleted += len(json.loads(self._batch_request(group, "delete", {"keys": chunk}))
+                           ["deleted"])
+        return deleted
+
+    def _batch_request(self, group, op, body):
+        """The body of the front's 200 answer to a batch request; the error of any other."""
+        path = f"/cache/{quote(group, safe='')}?op={op}"
+        status, data = self._front_call("POST", path, batch.encode(body),
+                                        {"Content-Type": "application/json"})
+        if status != 200:
+            raise _front_error(status, data, f"{op} batch of {group!r}", not_found=UnknownGroup)
+        return data
 
     def set(self, group: str, key: str | bytes, value: bytes | str,
             ttl: float | None = None) -> None:
@@ -161,16 +270,7 @@ class Client:
         status, data = self._front_request(method, group, key, body, query)
         if status == 200:
             return json.loads(data)
-        if status == 502:
-            raise PeerUnavailable(f"{method} {group}/{key} reached only part of the cluster: "
-                                  f"{data.decode(errors='replace').strip()}")
-        if status == 413:
-            raise ValueTooLarge(data.decode(errors="replace").strip())
-        if status in (401, 403):
-            raise AuthError(f"the front refused {method} {group}/{key}: a token is wanted "
-                            f"(connect(token=...) or $SHMCACHE_TOKEN): "
-                            f"{data.decode(errors='replace').strip()}")
-        raise LoadError(f"{status}: {data.decode(errors='replace').strip()}")
+        raise _front_error(status, data, f"{method} {group}/{key}")
 
     def clear(self, group: str | None = None) -> None:
         """Remove every entry of ``group`` (of every group when None) in this segment."""
@@ -291,30 +391,20 @@ class Client:
         status, body = self._front_request("GET", group, key)
         if status == 200:
             return body
-        reason = body.decode(errors="replace").strip()
-        if status == 404:
-            raise NotFound(reason)
-        if status in (502, 503):
-            raise PeerUnavailable(reason)
-        if status in (401, 403):
-            raise AuthError(f"the front wants a token (connect(token=...) or "
-                            f"$SHMCACHE_TOKEN): {reason}")
-        if status == 504:
-            raise LoadTimeout(reason)
-        raise LoadError(f"{status}: {reason}")
+        raise _front_error(status, body, f"GET {group}/{key}")
 
     def _front_request(self, method, group, key, body=None, query=""):
         """(status, body) of a request to this host's front for ``group``/``key``."""
-        if isinstance(key, (bytes, bytearray)):
-            try:
-                key = bytes(key).decode()
-            except UnicodeDecodeError:
-                raise InvalidKey("a key sent to the front must be UTF-8 text") from None
-        path = f"/cache/{quote(group, safe='')}/{quote(key, safe='')}{query}"
+        path = f"/cache/{quote(group, safe='')}/{quote(_front_key(key), safe='')}{query}"
+        return self._front_call(method, path, body)
+
+    def _front_call(self, method, path, body=None, headers=None):
+        """(status, body) of a request to this host's front."""
+        headers = {**self._headers, **headers} if headers else self._headers
         for attempt in (1, 2):                      # a kept-alive connection may have closed
             connection = self._connection()
             try:
-                connection.request(method, path, body=body, headers=self._headers)
+                connection.request(method, path, body=body, headers=headers)
                 response = connection.getresponse()
                 return response.status, response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
@@ -326,6 +416,52 @@ class Client:
                 connection.close()
                 self._local.connection = None
                 raise PeerUnavailable(f"cannot reach the front of {self.name!r}: {exc}") from None
+
+
+def _front_key(key):
+    """The key as the text the front's routes take."""
+    if isinstance(key, (bytes, bytearray)):
+        try:
+            return bytes(key).decode()
+        except UnicodeDecodeError:
+            raise InvalidKey("a key sent to the front must be UTF-8 text") from None
+    return key
+
+
+def _front_error(status, data, what, not_found=NotFound):
+    """The exception for the front's non-200 answer ``status`` with body ``data`` to ``what``."""
+    reason = data.decode(errors="replace").strip()
+    if status == 404:
+        return not_found(reason)
+    if status in (401, 403):
+        return AuthError(f"the front refused {what}: a token is wanted (connect(token=...) "
+                         f"or $SHMCACHE_TOKEN): {reason}")
+    if status in (502, 503):
+        return PeerUnavailable(f"{what}: {reason}")
+    if status == 504:
+        return LoadTimeout(reason)
+    if status == 413:
+        return ValueTooLarge(reason)
+    if status == 400:
+        return InvalidArgument(f"the front refused {what}: {reason}")
+    return LoadError(f"{status}: {reason}")
+
+
+def _many_result(group, found, failed):
+    """``found``, unless some keys failed: then raise the error (of the one type they share
+    if LoadTimeout or PeerUnavailable, else LoadError) naming them, carrying both."""
+    if not failed:
+        return found
+    kinds = {type(exc) for exc in failed.values()}
+    kind = kinds.pop() if len(kinds) == 1 else LoadError
+    if kind not in (LoadTimeout, PeerUnavailable):
+        kind = LoadError
+    shown = list(failed.items())[:5]
+    more = f"; and {len(failed) - len(shown)} more" if len(failed) > len(shown) else ""
+    error = kind(f"{len(failed)} of the keys of {group!r} failed to load: "
+                 + "; ".join(f"{key!r}: {exc}" for key, exc in shown) + more)
+    error.values, error.failed = found, failed
+    raise error
 
 
 def _key_text(key):
