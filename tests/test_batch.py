@@ -321,3 +321,44 @@ def test_store_batches_take_the_lock_per_chunk_and_keep_the_arena_consistent(mak
     found = store.delete_many("g", [f"key-{i}" for i in range(1000)])
     assert 0 < sum(found) < 1000 and found[-1]              # the newest survived eviction
     store.audit()
+
+
+def test_get_many_without_a_live_segment_asks_the_last_known_front(supervised):
+    from shmcache.arena import shm_dir
+    server = supervised(APP)
+    deadline = time.monotonic() + 30
+    while server.log().count(") serving") < 2:    # both workers attached: they outlive
+        assert time.monotonic() < deadline          # the name
+        time.sleep(0.01)
+    with shmcache.connect(name=server.name) as cache:
+        assert cache.get("test", "before") == b"value-of-before"
+        os.unlink(os.path.join(shm_dir(), server.name))      # the name removed by hand
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                cache.peek("test", "before")
+            except shmcache.SegmentNotFound:
+                break
+            assert time.monotonic() < deadline, "the client never noticed the removal"
+            time.sleep(0.01)
+        assert cache.get_many("test", ["before", "after", "missing-1"]) == {
+            "before": b"value-of-before", "after": b"value-of-after"}
+        server.stop()
+        with pytest.raises(shmcache.SegmentNotFound, match="front did not answer"):
+            cache.get_many("test", ["before"])
+
+
+@pytest.mark.parametrize("kinds, raised", [
+    ((shmcache.LoadTimeout, shmcache.LoadTimeout), shmcache.LoadTimeout),
+    ((shmcache.PeerUnavailable,), shmcache.PeerUnavailable),
+    ((shmcache.LoadTimeout, shmcache.PeerUnavailable), shmcache.LoadError),
+    ((shmcache.LoadError, shmcache.LoadTimeout), shmcache.LoadError),
+])
+def test_the_error_of_a_partial_get_many_is_the_type_all_failures_share(kinds, raised):
+    from shmcache.client import _many_result
+    failed = {f"k{i}": kind(f"reason {i}") for i, kind in enumerate(kinds)}
+    with pytest.raises(shmcache.ShmcacheError) as caught:
+        _many_result("g", {"ok": b"v"}, failed)
+    assert type(caught.value) is raised
+    assert caught.value.values == {"ok": b"v"} and caught.value.failed == failed
+    assert all(f"'k{i}'" in str(caught.value) for i in range(len(kinds)))
