@@ -52,6 +52,7 @@ class Client:
         self._local = threading.local()  # per thread: (pid, front generation, HTTPConnection)
         self._groups = {}                # name -> Group whose getter this process runs on a miss
         self._flights = None             # HostFlights of the current segment, made on first load
+        self._flights_lock = threading.Lock()
         self._front_generation = 0       # bumped when the segment or its front changes
         self._path, self._identity = store.arena.path, store.arena.identity  # for unlink()
         # Sets self.peek, the hit path: the segment's own reader, one call, no wrapper.
@@ -112,9 +113,10 @@ class Client:
         in-flight table makes other processes that miss the same key wait for this load
         (or this one wait for theirs), as a supervisor's workers do."""
         from .singleflight import HostFlights
-        flights = self._flights
-        if flights is None or flights.store is not store:
-            flights = self._flights = HostFlights(store, load_timeout=self.timeout)
+        with self._flights_lock:            # one per store: it knows which slots we hold
+            flights = self._flights
+            if flights is None or flights.store is not store:
+                flights = self._flights = HostFlights(store, load_timeout=self.timeout)
 
         def load_and_store():
             value = group.load(key if isinstance(key, str) else _key_text(key))
@@ -140,7 +142,8 @@ class Client:
         """{key: value} of the keys that exist, keyed by the keys as given (a key given
         twice is looked up once). Hits are read from shared memory; every miss is loaded
         as ``get`` would, but all in one request to the front (which loads them at once),
-        or by this process's getter. If some keys failed to load, the values that did
+        or by this process's getter (one key after another, in the calling thread: a
+        getter need not be thread-safe). If some keys failed to load, the values that did
         load are cached all the same and LoadError is raised (LoadTimeout or
         PeerUnavailable if every failure was one), naming the keys; its ``values`` holds
         what was found and its ``failed`` {key: exception}. Other errors as ``get``."""
