@@ -147,7 +147,7 @@ class Client:
         load are cached all the same and LoadError is raised (LoadTimeout or
         PeerUnavailable if every failure was one), naming the keys; its ``values`` holds
         what was found and its ``failed`` {key: exception}. Other errors as ``get``."""
-        wanted = list(dict.fromkeys(keys))
+        wanted = _distinct(keys)
         found, missed = {}, []
         peek = self.peek
         for index, key in enumerate(wanted):
@@ -227,7 +227,7 @@ class Client:
     def delete_many(self, group: str, keys: Iterable[str | bytes]) -> int:
         """``delete`` of every key (from every host, when the host has peers); the number
         of keys that were there."""
-        keys = list(dict.fromkeys(keys))
+        keys = _distinct(keys)
         store = self._live_store()
         if not self._clustered(store):
             return sum(self._write(store, Store.delete_many, group, keys))
@@ -419,6 +419,14 @@ class Client:
                 connection.close()
                 self._local.connection = None
                 raise PeerUnavailable(f"cannot reach the front of {self.name!r}: {exc}") from None
+
+
+def _distinct(keys):
+    """The keys of an iterable, each once, in order; InvalidArgument for one str or bytes
+    (whose characters would be taken for keys)."""
+    if isinstance(keys, (str, bytes, bytearray)):
+        raise InvalidArgument(f"keys must be an iterable of keys, not one {type(keys).__name__}")
+    return list(dict.fromkeys(keys))
 
 
 def _front_key(key):

@@ -66,6 +66,10 @@ def test_get_many_reads_hits_and_sends_every_miss_in_one_request(supervised):
         assert batch_requests(server) == 1                        # all hits: no request
         with pytest.raises(shmcache.UnknownGroup):
             cache.get_many("nope", ["x"])
+        with pytest.raises(shmcache.InvalidArgument):
+            cache.get_many("test", "hit-1")                    # one key, not a list of them
+        with pytest.raises(shmcache.InvalidArgument):
+            cache.delete_many("test", b"hit-1")
 
 
 def test_get_many_with_a_failing_key_returns_the_rest_cached_and_names_it(supervised):
