@@ -39,10 +39,10 @@ Batches (``Content-Type: application/json``; values travel as base64):
                for set.
 
 At most MAX_BATCH_KEYS (10,000) keys a request, each valid as in a single request (1 to
---max-key-bytes UTF-8 bytes); a key given twice counts once. A POST body may be 64 MiB (more
-if --max-item-size needs it: batch.max_batch_body), else 413. Unknown group: 404. A missing
-or unknown op, malformed JSON, a wrong shape, unknown fields, bad base64 or a bad ttl: 400.
-Writes need the token. Other methods on /cache/<group> are not batches.
+--max-key-bytes UTF-8 bytes); a key given twice is answered once. A POST body may be 64 MiB
+(more if --max-item-size needs it: batch.max_batch_body), else 413. Unknown group: 404. A
+missing or unknown op, malformed JSON, a wrong shape, unknown fields, bad base64 or a bad
+ttl: 400. Writes need the token. Other methods on /cache/<group> are not batches.
 """
 
 import hmac
