@@ -214,8 +214,7 @@ class Client:
         if not self._clustered(store):
             self._write(store, Store.set_many, group, items, ttl)
             return
-        for key, value in items:
-            store.check_fits(group, key, value)
+        store.check_fits_many(group, items)
         ttl = check_ttl(ttl)
         for chunk in batch.chunks(items):
             body = {"items": {_front_key(key): batch.b64(encode_value(value))

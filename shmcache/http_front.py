@@ -448,8 +448,7 @@ class Front:
             if not node.clustered:
                 node.store.set_many(group, items.items(), ttl)
                 return _json_answer(200, {"stored": len(items)})
-            for key, value in items.items():
-                node.store.check_fits(group, key, value)
+            node.store.check_fits_many(group, items.items())
         except ValueTooLarge as exc:
             return error(413, str(exc))
         except (ValueError, InvalidKey) as exc:

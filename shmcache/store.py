@@ -257,10 +257,12 @@ class Store:
 
     def check_fits(self, group, key, value):
         """ValueTooLarge (or InvalidKey) if ``set`` would refuse this value; stores nothing."""
-        self._check_fits(group, [(encode_key(key), encode_value(value))])
+        self.check_fits_many(group, [(key, value)])
 
-    def _check_fits(self, group, pairs):
-        """ValueTooLarge unless every (key bytes, value bytes) pair fits; UnknownGroup."""
+    def check_fits_many(self, group, items):
+        """``check_fits`` of every (key, value) pair of ``items``; returns them encoded,
+        as (key bytes, value bytes)."""
+        pairs = [(encode_key(key), encode_value(value)) for key, value in items]
         lay = self.arena.layout
         info = self.index.groups().get(group)
         if info is None:
@@ -272,6 +274,7 @@ class Store:
             if len(data) + len(value) > info["cache_bytes"]:
                 raise ValueTooLarge(f"key + value of {len(data) + len(value)} bytes exceed "
                                     f"the whole budget of group {group!r}")
+        return pairs
 
     def version(self, group, key):
         """A version of the key's neighbourhood; see ``set_hot``."""
@@ -294,8 +297,7 @@ class Store:
         write lock (each key its own journal step, as a single set). Checks that every
         value fits before writing any: ValueTooLarge (or InvalidKey) and nothing changes."""
         gid = self.group_id(group)
-        pairs = [(encode_key(key), encode_value(value)) for key, value in items]
-        self._check_fits(group, pairs)
+        pairs = self.check_fits_many(group, items)
         now = time.time()
         ttl = check_ttl(ttl) if ttl is not None else self.index.group_ttl(gid)
         expire_at = now + ttl if ttl else None
