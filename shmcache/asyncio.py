@@ -25,14 +25,14 @@ client); on a host with peers they go through the front, which reaches every hos
 """
 
 import asyncio
-import base64
-import json
 import os
 import weakref
 from collections.abc import Iterable, Mapping
 
-from .client import (DEFAULT_TIMEOUT, Client, batch_get_answer, connect as _connect,
-                     fetch_answer, front_key, front_path, ttl_query, write_answer)
+from . import batch
+from .client import (DEFAULT_TIMEOUT, Client, batch_path, connect as _connect, distinct_keys,
+                     fetch_answer, front_key, front_path, given_keys, many_answer, many_result,
+                     set_many_body, ttl_query, write_answer)
 from .errors import ClientClosed, PeerUnavailable, SegmentNotFound
 from .store import Store, check_ttl, encode_value
 
@@ -104,31 +104,36 @@ class AsyncClient:
     async def get_many(self, group: str, keys: Iterable[str | bytes]) -> dict:
         """{key as given: value} of the keys that exist: hits from shared memory, and every
         miss in one request to the front. A key that does not exist is left out. If some
-        keys failed to load, raises LoadError naming them (LoadTimeout or PeerUnavailable
-        if every failure was of that kind)."""
+        keys failed to load, the others are cached all the same and LoadError is raised
+        naming them (LoadTimeout or PeerUnavailable if every failure was of that kind),
+        with ``values`` (what was found) and ``failed`` ({key: exception})."""
         client = self._client
-        keys = list(keys)
+        wanted = distinct_keys(keys)
+        found, missed = {}, []
         try:
-            found = {key: client.peek(group, key) for key in keys}
+            for key in wanted:
+                value = client.peek(group, key)
+                if value is None:
+                    missed.append(key)
+                else:
+                    found[key] = value
         except SegmentNotFound:
             with client._without_segment():
-                return await self._load_many(group, keys)
-        missed = [key for key, value in found.items() if value is None]
+                return await self._load_many(group, wanted, {})
         if not missed:
             return found
-        client._miss_to_front(group, missed[0], count=len({front_key(k) for k in missed}))
-        found.update(await self._load_many(group, missed))
-        return {key: value for key, value in found.items() if value is not None}
+        client._miss_to_front(group, missed[0], count=len(missed))
+        return await self._load_many(group, missed, found)
 
-    async def _load_many(self, group, keys):
-        given = {}                                   # key text -> the keys given for it
-        for key in keys:
-            given.setdefault(front_key(key), []).append(key)
-        body = json.dumps({"keys": list(given)}).encode()
+    async def _load_many(self, group, keys, found):
+        given = given_keys(keys)
+        failed = {}
         front = await self._front()
-        status, data = await front.request("POST", front_path(group) + "?op=get", body, JSON)
-        loaded = batch_get_answer(group, status, data)
-        return {key: value for text, value in loaded.items() for key in given.get(text, ())}
+        for chunk in batch.chunks(list(given)):
+            status, data = await front.request("POST", batch_path(group, "get"),
+                                               batch.encode({"keys": chunk}), JSON)
+            many_answer(group, given, status, data, found, failed)
+        return many_result(group, found, failed)
 
     async def set(self, group: str, key: str | bytes, value: bytes | str,
                   ttl: float | None = None) -> None:
@@ -157,40 +162,36 @@ class AsyncClient:
 
     async def set_many(self, group: str, mapping: Mapping, ttl: float | None = None) -> None:
         """Store every (key, value) of ``mapping``, as ``set`` would. ValueTooLarge before
-        anything is stored if one of them cannot be; on a host with peers all go in one
-        request to the front."""
+        anything is stored if one of them cannot be; on a host with peers they go to the
+        front's batch route."""
         client = self._client
         store = client._live_store()
-        items = [(key, encode_value(value)) for key, value in mapping.items()]
-        check_ttl(ttl)
-        for key, value in items:
-            store.check_fits(group, key, value)
+        items = list(mapping.items())
         if not client._clustered(store):
-            for key, value in items:
-                client._write(store, Store.set, group, key, value, ttl)
+            client._write(store, Store.set_many, group, items, ttl)
             return
-        request = {"items": {front_key(key): base64.b64encode(value).decode()
-                             for key, value in items}}
-        if ttl is not None:
-            request["ttl"] = check_ttl(ttl)
-        await self._batch_write(group, "set", request, len(items))
+        store.check_fits_many(group, items)
+        check_ttl(ttl)
+        for chunk in batch.chunks(items):
+            await self._batch_write(group, "set", set_many_body(chunk, ttl))
 
     async def delete_many(self, group: str, keys: Iterable[str | bytes]) -> int:
         """Remove the keys (from every host, when the host has peers); how many were there."""
         client = self._client
         store = client._live_store()
-        keys = list(keys)
+        keys = distinct_keys(keys)
         if not client._clustered(store):
-            return sum(bool(client._write(store, Store.delete, group, key)) for key in keys)
-        texts = list(dict.fromkeys(front_key(key) for key in keys))
-        answer = await self._batch_write(group, "delete", {"keys": texts}, len(texts))
-        return len(answer["deleted"])
+            return sum(client._write(store, Store.delete_many, group, keys))
+        deleted = 0
+        for chunk in batch.chunks(list(dict.fromkeys(map(front_key, keys)))):
+            deleted += len((await self._batch_write(group, "delete", {"keys": chunk}))["deleted"])
+        return deleted
 
-    async def _batch_write(self, group, operation, request, count):
+    async def _batch_write(self, group, op, body):
         front = await self._front()
-        status, data = await front.request("POST", f"{front_path(group)}?op={operation}",
-                                           json.dumps(request).encode(), JSON)
-        return write_answer(f"{operation} of {count} keys of {group}", status, data)
+        status, data = await front.request("POST", batch_path(group, op), batch.encode(body),
+                                           JSON)
+        return write_answer(f"{op} batch of {group!r}", status, data)
 
     async def stats(self) -> dict:
         """The segment's figures, each group's counters summed over the host's processes."""

@@ -5,7 +5,6 @@ address its supervisor wrote into the segment), which loads it once for the whol
 Nothing heavy is imported here (no requests, no protobuf), so attaching stays cheap.
 """
 
-import base64
 import contextlib
 import http.client
 import json
@@ -14,10 +13,12 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote
 
+from . import batch
 from .arena import _OFFSET_PEER_COUNT, retire
 from .attachment import Attachment
 from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadError,
-                     LoadTimeout, NotFound, PeerUnavailable, SegmentNotFound, ValueTooLarge)
+                     LoadTimeout, NotFound, PeerUnavailable, SegmentNotFound, UnknownGroup,
+                     ValueTooLarge)
 from .group import Group
 from .lru_index import encode_key
 from .metrics import MISSES, host_stats
@@ -166,6 +167,94 @@ class Client:
             yield
         except PeerUnavailable as exc:
             raise type(unavailable)(f"{unavailable}; its front did not answer: {exc}") from None
+
+    def get_many(self, group: str, keys: Iterable[str | bytes]) -> dict:
+        """{key: value} of the keys that exist, keyed by the keys as given (a key given
+        twice is looked up once). Hits are read from shared memory; every miss is loaded
+        as ``get`` would, but all in one request to the front (which loads them at once),
+        or by this process's getter (one key after another, in the calling thread: a
+        getter need not be thread-safe). If some keys failed to load, the values that did
+        load are cached all the same and LoadError is raised (LoadTimeout or
+        PeerUnavailable if every failure was one), naming the keys; its ``values`` holds
+        what was found and its ``failed`` {key: exception}. Other errors as ``get``."""
+        wanted = distinct_keys(keys)
+        found, missed = {}, []
+        peek = self.peek
+        for index, key in enumerate(wanted):
+            try:
+                value = peek(group, key)
+            except SegmentNotFound:
+                missed += wanted[index:]
+                with self._without_segment():
+                    return self._fetch_many(group, missed, found)
+            if value is None:
+                missed.append(key)
+            else:
+                found[key] = value
+        if not missed:
+            return found
+        store = self._attachment.current
+        loader = self._groups.get(group)
+        if loader is not None and loader.getter is not None and store is not None:
+            failed = {}
+            for key in missed:
+                try:
+                    found[key] = self._load_here(store, loader, key)
+                except NotFound:
+                    pass
+                except (LoadError, PeerUnavailable) as exc:
+                    failed[key] = exc
+            return many_result(group, found, failed)
+        if store is not None and store.arena.front() is None:
+            return found                    # nothing here can load them: absent
+        self._miss_to_front(group, missed[0], count=len(missed))
+        return self._fetch_many(group, missed, found)
+
+    def _fetch_many(self, group, keys, found):
+        """Load ``keys`` through the front's batch route (one request per MAX_BATCH_KEYS),
+        adding what it found to ``found``; the error of the keys that failed."""
+        given = given_keys(keys)
+        failed = {}
+        for chunk in batch.chunks(list(given)):
+            status, data = self._front_call("POST", batch_path(group, "get"),
+                                            batch.encode({"keys": chunk}), BATCH_HEADERS)
+            many_answer(group, given, status, data, found, failed)
+        return many_result(group, found, failed)
+
+    def set_many(self, group: str, mapping: Mapping[str | bytes, bytes | str],
+                 ttl: float | None = None) -> None:
+        """``set`` of every key and value of ``mapping``. Every value is checked first:
+        ValueTooLarge (or InvalidKey) and nothing is stored. On a host alone the writes
+        take the write lock once per few dozen keys; with peers they go through the front,
+        each key to its owner (PeerUnavailable, after the others are done, if a peer
+        failed)."""
+        items = list(mapping.items())
+        store = self._live_store()
+        if not self._clustered(store):
+            self._write(store, Store.set_many, group, items, ttl)
+            return
+        store.check_fits_many(group, items)
+        ttl = check_ttl(ttl)
+        for chunk in batch.chunks(items):
+            self._batch_request(group, "set", set_many_body(chunk, ttl))
+
+    def delete_many(self, group: str, keys: Iterable[str | bytes]) -> int:
+        """``delete`` of every key (from every host, when the host has peers); the number
+        of keys that were there."""
+        keys = distinct_keys(keys)
+        store = self._live_store()
+        if not self._clustered(store):
+            return sum(self._write(store, Store.delete_many, group, keys))
+        deleted = 0
+        for chunk in batch.chunks(list(dict.fromkeys(map(front_key, keys)))):
+            deleted += len(self._batch_request(group, "delete", {"keys": chunk})["deleted"])
+        return deleted
+
+    def _batch_request(self, group, op, body):
+        """The JSON of the front's 200 answer to a batch write; the error of any other."""
+        status, data = self._front_call("POST", batch_path(group, op), batch.encode(body),
+                                        BATCH_HEADERS)
+        return write_answer(f"{op} batch of {group!r}", status, data)
 
     def set(self, group: str, key: str | bytes, value: bytes | str,
             ttl: float | None = None) -> None:
@@ -351,11 +440,15 @@ class Client:
 
     def _front_request(self, method, group, key, body=None, query=""):
         """(status, body) of a request to this host's front for ``group``/``key``."""
-        path = front_path(group, key) + query
+        return self._front_call(method, front_path(group, key) + query, body)
+
+    def _front_call(self, method, path, body=None, headers=None):
+        """(status, body) of a request to this host's front."""
+        headers = {**self._headers, **headers} if headers else self._headers
         for attempt in (1, 2):                      # a kept-alive connection may have closed
             connection = self._connection()
             try:
-                connection.request(method, path, body=body, headers=self._headers)
+                connection.request(method, path, body=body, headers=headers)
                 response = connection.getresponse()
                 return response.status, response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
@@ -400,45 +493,31 @@ def ttl_query(ttl):
     return f"?ttl={check_ttl(ttl)!r}" if ttl is not None else ""
 
 
-def fetch_answer(status, body):
+def front_error(status, data, what, not_found=NotFound):
+    """The exception for the front's non-200 answer ``status`` with body ``data`` to
+    ``what`` ("GET group/key"): the one mapping of the front's statuses to errors."""
+    reason = data.decode(errors="replace").strip()
+    if status == 404:
+        return not_found(reason)
+    if status in (401, 403):
+        return AuthError(f"the front refused {what}: a token is wanted (connect(token=...) "
+                         f"or $SHMCACHE_TOKEN): {reason}")
+    if status in (502, 503):
+        return PeerUnavailable(f"{what}: {reason}")
+    if status == 504:
+        return LoadTimeout(reason)
+    if status == 413:
+        return ValueTooLarge(reason)
+    if status == 400:
+        return InvalidArgument(f"the front refused {what}: {reason}")
+    return LoadError(f"{status}: {reason}")
+
+
+def fetch_answer(status, body, what="GET"):
     """The value a front's answer to ``GET /cache/<group>/<key>`` carries, else its error."""
     if status == 200:
         return body
-    reason = body.decode(errors="replace").strip()
-    if status == 404:
-        raise NotFound(reason)
-    if status in (502, 503):
-        raise PeerUnavailable(reason)
-    if status in (401, 403):
-        raise AuthError(f"the front wants a token (connect(token=...) or "
-                        f"$SHMCACHE_TOKEN): {reason}")
-    if status == 504:
-        raise LoadTimeout(reason)
-    raise LoadError(f"{status}: {reason}")
-
-
-# The status of a key that failed in a batch answer -> the error it stands for alone.
-_BATCH_FAILURES = {502: PeerUnavailable, 504: LoadTimeout}
-
-
-def batch_get_answer(group, status, data):
-    """{key text: value} of a front's answer to ``POST /cache/<group>?op=get``, without the
-    keys that do not exist; else the answer's error, or, if some keys failed to load,
-    LoadError naming them (LoadTimeout or PeerUnavailable if every failure was of that
-    kind), with ``failed``: {key text: (status, reason)}."""
-    answer = json.loads(fetch_answer(status, data))
-    errors = answer.get("errors") or {}
-    if errors:
-        failed = {key: (error.get("status"), error.get("reason", "")) for key, error in
-                  sorted(errors.items())}
-        kinds = {_BATCH_FAILURES.get(status, LoadError) for status, _reason in failed.values()}
-        first, (_status, reason) = next(iter(failed.items()))
-        names = ", ".join(list(failed)[:10]) + (", ..." if len(failed) > 10 else "")
-        exc = (kinds.pop() if len(kinds) == 1 else LoadError)(
-            f"{len(failed)} keys of {group} failed to load: {names} ({first}: {reason})")
-        exc.failed = failed
-        raise exc
-    return {key: base64.b64decode(value) for key, value in answer["values"].items()}
+    raise front_error(status, body, what)
 
 
 def write_answer(what, status, data):
@@ -446,15 +525,79 @@ def write_answer(what, status, data):
     error: PeerUnavailable if it reached only part of the cluster."""
     if status == 200:
         return json.loads(data)
-    reason = data.decode(errors="replace").strip()
     if status == 502:
+        reason = data.decode(errors="replace").strip()
         raise PeerUnavailable(f"{what} reached only part of the cluster: {reason}")
-    if status == 413:
-        raise ValueTooLarge(reason)
-    if status in (401, 403):
-        raise AuthError(f"the front refused {what}: a token is wanted "
-                        f"(connect(token=...) or $SHMCACHE_TOKEN): {reason}")
-    raise LoadError(f"{status}: {reason}")
+    raise front_error(status, data, what, not_found=UnknownGroup)
+
+
+# -- batches (the route: batch.py) --------------------------------------------------------
+
+BATCH_HEADERS = {"Content-Type": "application/json"}
+
+
+def batch_path(group, op):
+    return f"{front_path(group)}?op={op}"
+
+
+def given_keys(keys):
+    """{key as text: [the keys given for it]}, for mapping a batch answer back."""
+    given = {}
+    for key in keys:
+        given.setdefault(front_key(key), []).append(key)
+    return given
+
+
+def set_many_body(items, ttl):
+    """The body of a set batch of (key, value) ``items``."""
+    body = {"items": {front_key(key): batch.b64(encode_value(value)) for key, value in items}}
+    if ttl is not None:
+        body["ttl"] = check_ttl(ttl)
+    return body
+
+
+def many_answer(group, given, status, data, found, failed):
+    """Read a front's answer to a get batch of the keys ``given`` (see given_keys): add
+    the values to ``found`` and the keys that failed to ``failed`` ({key: exception}),
+    both keyed by the keys as given; raise the answer's own error if it is one."""
+    if status != 200:
+        raise front_error(status, data, f"get batch of {group!r}", not_found=UnknownGroup)
+    try:
+        values, errors = batch.decode_get_answer(data)
+    except ValueError as exc:
+        raise LoadError(f"the front's answer to get_many of {group!r}: {exc}") from None
+    for text, value in values.items():
+        for key in given.get(text, ()):
+            found[key] = value
+    for text, (status, reason) in errors.items():
+        for key in given.get(text, ()):
+            failed[key] = front_error(status, reason.encode(), f"GET {group}/{text}")
+
+
+def many_result(group, found, failed):
+    """``found``, unless some keys failed: then raise the error (of the one type they share
+    if LoadTimeout or PeerUnavailable, else LoadError) naming them, carrying both as
+    ``values`` and ``failed``."""
+    if not failed:
+        return found
+    kinds = {type(exc) for exc in failed.values()}
+    kind = kinds.pop() if len(kinds) == 1 else LoadError
+    if kind not in (LoadTimeout, PeerUnavailable):
+        kind = LoadError
+    shown = list(failed.items())[:5]
+    more = f"; and {len(failed) - len(shown)} more" if len(failed) > len(shown) else ""
+    error = kind(f"{len(failed)} of the keys of {group!r} failed to load: "
+                 + "; ".join(f"{key!r}: {exc}" for key, exc in shown) + more)
+    error.values, error.failed = found, failed
+    raise error
+
+
+def distinct_keys(keys):
+    """The keys of an iterable, each once, in order; InvalidArgument for one str or bytes
+    (whose characters would be taken for keys)."""
+    if isinstance(keys, (str, bytes, bytearray)):
+        raise InvalidArgument(f"keys must be an iterable of keys, not one {type(keys).__name__}")
+    return list(dict.fromkeys(keys))
 
 
 def connect(port: int | None = None, *, name: str | None = None,

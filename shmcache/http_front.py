@@ -7,12 +7,42 @@ Routes (DESIGN.md):
     DELETE /cache/<group>/<key>
     GET    <base>/<group>/<key>      protobuf GetResponse (peer route; never forwarded)
     PUT    <base>/<group>/<key>      protobuf SetRequest  (peer-side set)
-    DELETE <base>/<group>/<key>      peer-side remove
+    DELETE <base>/<group>/<key>      peer-side remove; answers "deleted" or "absent"
     GET    /healthz, /stats
+    POST   /cache/<group>?op=get     batches, JSON bodies (below)
+    POST   /cache/<group>?op=set
+    POST   /cache/<group>?op=delete
 
 ``<group>`` and ``<key>`` are percent-escaped by the sender (``quote(s, safe="")``) and
 decoded here with ``unquote`` (never ``unquote_plus``); the key may contain ``/``.
 Every error is a short text body with a 4xx/5xx status; a worker never sends a traceback.
+
+Batches (``Content-Type: application/json``; values travel as base64):
+
+    op=get     {"keys": ["k1", "k2", "k3"]}
+               -> 200 {"values": {"k1": "<base64>"}, "missing": ["k2"],
+                       "errors": {"k3": {"status": 500, "reason": "..."}}}
+               Each key is answered as a single GET would be: a hit from memory, a miss
+               loaded (all at once, each through the host-wide singleflight, from its owner
+               on a cluster); absent keys are "missing"; a failed load is in "errors" with
+               the status its GET would have had (500 load error, 502 peer unavailable,
+               504 timeout). The answer comes when every load is done. A read: it needs the
+               token only with --token-reads.
+    op=set     {"items": {"k1": "<base64>"}, "ttl": 60}          (ttl optional, seconds > 0)
+               -> 200 {"stored": N}; 413 if any value is too large (nothing is stored);
+               on a cluster each key goes to its owner as a PUT would, and if a peer failed:
+               502 {"stored": N, "failed_peers": [url, ...], "peer_errors": {url: reason}}
+               (N: keys stored on their owner).
+    op=delete  {"keys": ["k1", ...]}
+               -> 200 {"deleted": ["k1"]}: the keys that were there (on a cluster, as the
+               DELETE of one key answers: removed here, or the owner acknowledged); 502 as
+               for set.
+
+At most MAX_BATCH_KEYS (10,000) keys a request, each valid as in a single request (1 to
+--max-key-bytes UTF-8 bytes); a key given twice is answered once. A POST body may be 64 MiB
+(more if --max-item-size needs it: batch.max_batch_body), else 413. Unknown group: 404. A
+missing or unknown op, malformed JSON, a wrong shape, unknown fields, bad base64 or a bad
+ttl: 400. Writes need the token. Other methods on /cache/<group> are not batches.
 """
 
 import hmac
@@ -20,11 +50,13 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from concurrent.futures import Future
 from urllib.parse import parse_qs, unquote
 
 from . import kcachepb_pb2 as pb
+from .batch import MAX_BATCH_KEYS, OPS, b64, unb64
 from .errors import (InvalidKey, LoadError, LoadTimeout, NotFound, PeerUnavailable, UnknownGroup,
                      ValueTooLarge)
 from .httpserver import error, render
@@ -96,26 +128,74 @@ def split_group_key(rest):
     group, slash, key = rest.partition("/")
     if not slash or not group or not key:
         raise BadPath("expected /<group>/<key>")
-    if _BAD_ESCAPE.search(rest):
+    return _unescape(group, rest), _unescape(key, rest)
+
+
+def _unescape(part, whole):
+    if _BAD_ESCAPE.search(whole):
         raise BadPath("malformed percent-escape in path")
     try:
-        group, key = unquote(group, errors="strict"), unquote(key, errors="strict")
+        return unquote(part, errors="strict")
     except UnicodeDecodeError:
         raise BadPath("path is not valid UTF-8 once unescaped") from None
-    return group, key
 
 
 def then(future, transform):
-    """A Future of ``transform(future)``, called when ``future`` is done."""
+    """A Future of ``transform(future)``, called when ``future`` is done. ``transform`` may
+    return a Future itself: its outcome is passed on."""
     result = Future()
 
     def finish(done):
         try:
-            result.set_result(transform(done))
+            value = transform(done)
         except BaseException as exc:          # transform bugs surface as a 500 upstream
             result.set_exception(exc)
+            return
+        if isinstance(value, Future):
+            value.add_done_callback(lambda inner: _settle(result, inner))
+        else:
+            result.set_result(value)
     future.add_done_callback(finish)
     return result
+
+
+def _settle(result, done):
+    exc = done.exception()
+    if exc is not None:
+        result.set_exception(exc)
+    else:
+        result.set_result(done.result())
+
+
+def all_done(futures):
+    """A Future of ``futures`` (a list), done when every one of them is."""
+    result = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_done):
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            result.set_result(futures)
+    if not futures:
+        result.set_result(futures)
+    for future in futures:
+        future.add_done_callback(one_done)
+    return result
+
+
+_LOAD_STATUS = ((NotFound, 404), (UnknownGroup, 404), (PeerUnavailable, 502),
+                (LoadTimeout, 504), (LoadError, 500))
+
+
+def load_status(exc):
+    """The status a GET answers for a load that raised ``exc``; None for an unexpected one."""
+    for kind, status in _LOAD_STATUS:
+        if isinstance(exc, kind):
+            return status
+    return None
 
 
 class Front:
@@ -154,14 +234,24 @@ class Front:
             return error(400, str(exc))
 
     def _needs_token(self, request):
-        """Writes and the peer route always; reads of /cache/, /stats, /metrics with
-        --token-reads; /healthz never."""
+        """Writes and the peer route always; reads of /cache/ (a batch get included),
+        /stats, /metrics with --token-reads; /healthz never."""
         path = request.path
         if path.startswith(self.base_path):
             return True
-        if path.startswith("/cache/") and request.method not in ("GET", "HEAD"):
+        if path.startswith("/cache/") and request.method not in ("GET", "HEAD") \
+                and not self._is_batch_get(request):
             return True
         return self.token_reads and path != "/healthz"
+
+    @staticmethod
+    def _is_batch_get(request):
+        if request.method != "POST" or "/" in request.path[7:]:
+            return False
+        try:
+            return _batch_op(request.query) == "get"
+        except ValueError:
+            return False
 
     def _authorized(self, request):
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -176,21 +266,35 @@ class Front:
 
     def _resolve(self, rest):
         group, key = split_group_key(rest)
+        self._check_group(group)
+        try:
+            self._check_key(key)
+        except InvalidKey as exc:
+            raise _Answer(error(400, str(exc))) from None
+        return group, key
+
+    def _check_group(self, group):
         if not GROUP_NAME.fullmatch(group):
             raise _Answer(error(400, "bad group name: 1 to 64 of letters, digits, '_', '.', '-'"))
         if self.node.group(group) is None:
             raise _Answer(error(404, f"unknown group {group!r}"))
+
+    def _check_key(self, key):
+        """InvalidKey unless ``key`` is text of 1 to max_key_bytes UTF-8 bytes."""
+        if not isinstance(key, str):
+            raise InvalidKey(f"keys must be strings, not {type(key).__name__}")
         try:
             if len(encode_key(key)) > self.max_key_bytes:
                 raise InvalidKey(f"key must be 1 to {self.max_key_bytes} bytes")
-        except InvalidKey as exc:
-            raise _Answer(error(400, str(exc))) from None
-        return group, key
+        except UnicodeEncodeError:
+            raise InvalidKey("key is not valid Unicode text") from None
 
     # -- /cache/ --------------------------------------------------------------------------------
 
     def _user(self, request, rest):
         method = request.method
+        if method == "POST" and "/" not in rest:
+            return self._batch(request, rest)
         if method not in ("GET", "HEAD", "PUT", "DELETE"):
             return error(405, f"{method} not allowed on /cache/",
                          headers=[("Allow", "GET, HEAD, PUT, DELETE")])
@@ -236,40 +340,137 @@ class Front:
 
     @staticmethod
     def _ttl(query):
-        if not query:
-            return None
-        try:
-            fields = parse_qs(query, strict_parsing=True, errors="strict")
-        except (ValueError, UnicodeDecodeError):
-            raise ValueError("malformed query string") from None
-        unknown = set(fields) - {"ttl"}
-        if unknown:
-            raise ValueError(f"unknown query parameter {sorted(unknown)[0]!r}")
-        values = fields.get("ttl")
+        values = _query(query, ("ttl",)).get("ttl")
         if values is None:
             return None
         try:
-            ttl = float(values[-1])
+            return positive_ttl(float(values[-1]))
         except ValueError:
-            raise ValueError("ttl must be a number of seconds") from None
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise ValueError("ttl must be a positive number of seconds")
-        return ttl
+            raise ValueError("ttl must be a positive number of seconds") from None
 
     def _user_answer(self, done, group, key, head):
         try:
             value, _expiry = done.result()
-        except NotFound:
-            return error(404, f"{group}/{key[:100]} not found")
-        except PeerUnavailable as exc:
-            return error(502, str(exc))
-        except LoadTimeout as exc:
-            return error(504, str(exc))
-        except LoadError as exc:
-            return error(500, str(exc))
-        except UnknownGroup as exc:
-            return error(404, str(exc))
+        except Exception as exc:
+            status = load_status(exc)
+            if status is None:
+                raise
+            return error(status, f"{group}/{key[:100]} not found"
+                         if isinstance(exc, NotFound) else str(exc))
         return render(200, value, content_type=OCTETS, head=head)
+
+    # -- batches: POST /cache/<group>?op=get|set|delete (batch.py) ----------------------------
+
+    def _batch(self, request, rest):
+        try:
+            op = _batch_op(request.query)
+            group = _unescape(rest, rest)
+            self._check_group(group)
+            if op == "set":                 # a big body: decoded off the event loop
+                return then(self.node.pool.submit(self._batch_set, group, request.body),
+                            Future.result)
+            keys = self._batch_keys(_json_body(request.body, {"keys"}))
+        except _Answer as answer:
+            return answer.response
+        except (ValueError, InvalidKey) as exc:
+            return error(400, str(exc))
+        if op == "get":
+            return self._batch_get(group, keys)
+        node = self.node
+        if not node.clustered:
+            return then(node.pool.submit(node.store.delete_many, group, keys), lambda done:
+                        _json_answer(200, {"deleted": [key for key, there in
+                                                       zip(keys, done.result()) if there]}))
+        return then(all_done(node.run_all(node.delete_everywhere, [(group, k) for k in keys])),
+                    lambda done: self._cluster_batch_answer(done, keys, "deleted"))
+
+    def _batch_keys(self, document):
+        """The distinct keys of a {"keys": [...]} body, in order; ValueError if malformed."""
+        return list(dict.fromkeys(self._keyed(document, "keys", list, '{"keys": [key, ...]}')))
+
+    def _keyed(self, document, field, kind, shape):
+        """``document[field]``, a ``kind`` of at most MAX_BATCH_KEYS valid keys (a list, or
+        a dict keyed by them); ValueError (naming ``shape``) or InvalidKey if not."""
+        keys = document.get(field)
+        if not isinstance(keys, kind):
+            raise ValueError(f"the body must be {shape}")
+        if len(keys) > MAX_BATCH_KEYS:
+            raise ValueError(f"{len(keys)} keys; a batch holds at most {MAX_BATCH_KEYS}")
+        for key in keys:
+            self._check_key(key)
+        return keys
+
+    def _batch_get(self, group, keys):
+        """Hits answered from memory; the misses loaded at once, each as a single GET."""
+        node = self.node
+        values, pending = {}, {}
+        for key in keys:
+            hit = node.peek(group, key)
+            if hit is not None:
+                values[key] = hit[0]
+            else:
+                pending[key] = node.get_future(group, key)
+        if not pending:
+            return self._batch_get_answer(values, {})
+        return then(all_done(list(pending.values())),
+                    lambda _done: self._batch_get_answer(values, pending))
+
+    @staticmethod
+    def _batch_get_answer(values, pending):
+        missing, errors = [], {}
+        for key, future in pending.items():
+            try:
+                values[key] = future.result()[0]
+            except NotFound:
+                missing.append(key)
+            except Exception as exc:
+                status = load_status(exc)
+                if status is None:
+                    log.error("batch load of %r failed", key, exc_info=exc)
+                    status, exc = 500, "internal error"
+                errors[key] = {"status": status, "reason": str(exc)}
+        return _json_answer(200, {"values": {key: b64(value) for key, value in values.items()},
+                                  "missing": missing, "errors": errors})
+
+    def _batch_set(self, group, body):
+        """(On the pool.) The answer to a set batch, or a Future of it on a cluster."""
+        try:
+            document = _json_body(body, {"items", "ttl"})
+            items = self._keyed(document, "items", dict,
+                                '{"items": {key: base64 value, ...}, "ttl": seconds}')
+            items = {key: unb64(value) for key, value in items.items()}
+            ttl = document.get("ttl")
+            if ttl is not None:
+                if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+                    raise ValueError("ttl must be a positive number of seconds")
+                ttl = positive_ttl(ttl)
+            node = self.node
+            if not node.clustered:
+                node.store.set_many(group, items.items(), ttl)
+                return _json_answer(200, {"stored": len(items)})
+            node.store.check_fits_many(group, items.items())
+        except ValueTooLarge as exc:
+            return error(413, str(exc))
+        except (ValueError, InvalidKey) as exc:
+            return error(400, str(exc))
+        return then(all_done(node.run_all(node.set_everywhere, [(group, key, value, ttl)
+                                                                for key, value in items.items()])),
+                    lambda done: self._cluster_batch_answer(done, list(items), "stored"))
+
+    @staticmethod
+    def _cluster_batch_answer(done, keys, field):
+        """200 if every host did its part for every key, else 502 naming the failed peers.
+        ``field`` "stored": how many keys reached their owner; "deleted": which keys."""
+        outcomes = [future.result() for future in done.result()]
+        peer_errors = {}
+        for outcome in outcomes:
+            for url, reason in outcome["failed_peers"].items():
+                peer_errors.setdefault(url, reason)
+        succeeded = [key for key, outcome in zip(keys, outcomes) if outcome[field]]
+        answer = {field: len(succeeded) if field == "stored" else succeeded}
+        if peer_errors:
+            answer.update(failed_peers=sorted(peer_errors), peer_errors=peer_errors)
+        return _json_answer(502 if peer_errors else 200, answer)
 
     # -- peer route ---------------------------------------------------------------------------
 
@@ -305,8 +506,8 @@ class Front:
             except ValueTooLarge as exc:
                 return error(413, str(exc))
             return render(200, "ok\n")
-        node.delete(group, key)
-        return render(200, "ok\n")
+        # "deleted" or "absent": the owner's answer is what a cluster-wide delete reports.
+        return render(200, "deleted\n" if node.delete(group, key) else "absent\n")
 
     def _peer_answer(self, done, group, key):
         try:
@@ -316,6 +517,59 @@ class Front:
         except LoadError as exc:
             return error(500, str(exc))
         return render(200, encode_get_response(value, expiry), content_type=PROTOBUF)
+
+
+def _query(query, allowed):
+    """{name: [values]} of a query string; ValueError if malformed or a name not allowed."""
+    if not query:
+        return {}
+    try:
+        fields = parse_qs(query, strict_parsing=True, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("malformed query string") from None
+    unknown = set(fields) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown query parameter {sorted(unknown)[0]!r}")
+    return fields
+
+
+def _batch_op(query):
+    """The op of a batch request's query string; ValueError unless exactly one known op."""
+    ops = _query(query, ("op",)).get("op")
+    if ops is None:
+        raise ValueError(f"POST /cache/<group> needs ?op={'|'.join(OPS)}")
+    if len(ops) != 1 or ops[0] not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}")
+    return ops[0]
+
+
+def positive_ttl(ttl):
+    """``ttl`` as a float if it is a finite number of seconds above zero; ValueError if not."""
+    try:
+        ttl = float(ttl)
+    except OverflowError:
+        ttl = math.inf
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise ValueError("ttl must be a positive number of seconds")
+    return ttl
+
+
+def _json_body(body, fields):
+    """The JSON object of a request body with no field but ``fields``; ValueError if not."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ValueError("the body is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = set(document) - fields
+    if unknown:
+        raise ValueError(f"unknown field {sorted(unknown)[0]!r} in the body")
+    return document
+
+
+def _json_answer(status, document):
+    return render(status, json.dumps(document) + "\n", content_type=JSON)
 
 
 class _Answer(Exception):

@@ -46,6 +46,7 @@ class Limits:
     max_header_bytes = 16384         # bytes of the whole header block, else 431
     max_headers = 100                # header fields, else 431
     max_body = 1 << 20               # bytes, else 413 (set to the max item size)
+    max_post_body = None             # bytes of a POST body (batches), if not max_body
     header_timeout = 10.0            # seconds from a request's first byte to its last header
     body_timeout = 30.0              # seconds to receive a declared body
     idle_timeout = 75.0              # seconds a keep-alive connection may sit idle
@@ -135,6 +136,7 @@ class HttpServer:
         self.listener = listener
         self.handle = handle
         self.limits = limits or Limits()
+        self._largest_body = max(self.limits.max_body, self.limits.max_post_body or 0)
         self.connections = {}                # fd -> _Connection
         self.completed = collections.deque()  # (connection, response bytes) from other threads
         self.stopping = False
@@ -264,7 +266,7 @@ class HttpServer:
         connection.inbuf += data
         if not connection.busy:
             self._process(connection)
-        elif len(connection.inbuf) > self.limits.max_body + self.limits.max_header_bytes:
+        elif len(connection.inbuf) > self._largest_body + self.limits.max_header_bytes:
             self._close(connection)            # pipelining more than a request's worth: abuse
 
     def _process(self, connection):
@@ -444,9 +446,11 @@ class HttpServer:
             if not length_text.isdigit() or len(length_text) > 12:
                 raise _BadRequest(400, "bad Content-Length")
             length = int(length_text)
-            if length > limits.max_body:
+            limit = limits.max_post_body if method == b"POST" and limits.max_post_body \
+                else limits.max_body
+            if length > limit:
                 raise _BadRequest(413, f"body of {length} bytes exceeds the limit of "
-                                       f"{limits.max_body} bytes")
+                                       f"{limit} bytes")
         if len(buf) - body_start < length:
             if not connection.continued and headers.get("expect", "").lower() == "100-continue":
                 connection.continued = True

@@ -107,10 +107,13 @@ class PeerClient:
                             f"{body[:200].decode(errors='replace').strip()}")
 
     def remove(self, group, key):
+        """Remove the key on the peer; False if the peer says it was not there (a peer
+        that does not say is taken to have had it)."""
         status, body = self.request("DELETE", self.path(group, key))
         if status != 200:
             raise PeerError(f"{self.url} answered {status} to a delete: "
                             f"{body[:200].decode(errors='replace').strip()}")
+        return body.strip() != b"absent"
 
     def request(self, method, path, body=None):
         """(status, body). A pooled connection the peer closed meanwhile is retried once."""

@@ -30,6 +30,7 @@ import time
 
 from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_RETIRED, _OFFSET_TX_ACTIVE,
                     _OFFSET_WRITER_PID, OWNER_LOCK_BYTE, WRITE_LOCK_BYTE, Arena, pid_alive)
+from .batch import chunks
 from .errors import (InvalidArgument, NotAnInteger, SegmentNotFound, UnknownGroup,
                      ValueTooLarge)
 from .journal import Journal
@@ -44,6 +45,7 @@ log = logging.getLogger("shmcache")
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
 _DECIMAL = re.compile(rb"-?[0-9]{1,4000}")
+BATCH_CHUNK = 64            # keys a batch writes per hold of the write lock
 
 
 def encode_value(value):
@@ -325,17 +327,24 @@ class Store:
 
     def check_fits(self, group, key, value):
         """ValueTooLarge (or InvalidKey) if ``set`` would refuse this value; stores nothing."""
-        data, value = encode_key(key), encode_value(value)
+        self.check_fits_many(group, [(key, value)])
+
+    def check_fits_many(self, group, items):
+        """``check_fits`` of every (key, value) pair of ``items``; returns them encoded,
+        as (key bytes, value bytes)."""
+        pairs = [(encode_key(key), encode_value(value)) for key, value in items]
         lay = self.arena.layout
-        if len(value) > lay.max_item_size:
-            raise ValueTooLarge(f"value of {len(value)} bytes exceeds the max item size "
-                                f"of {lay.max_item_size} bytes")
         info = self.index.groups().get(group)
         if info is None:
             raise UnknownGroup(f"no group {group!r} in segment {self.arena.name!r}")
-        if len(data) + len(value) > info["cache_bytes"]:
-            raise ValueTooLarge(f"key + value of {len(data) + len(value)} bytes exceed the "
-                                f"whole budget of group {group!r}")
+        for data, value in pairs:
+            if len(value) > lay.max_item_size:
+                raise ValueTooLarge(f"value of {len(value)} bytes exceeds the max item size "
+                                    f"of {lay.max_item_size} bytes")
+            if len(data) + len(value) > info["cache_bytes"]:
+                raise ValueTooLarge(f"key + value of {len(data) + len(value)} bytes exceed "
+                                    f"the whole budget of group {group!r}")
+        return pairs
 
     def version(self, group, key):
         """A version of the key's neighbourhood; see ``set_hot``."""
@@ -352,6 +361,38 @@ class Store:
         """Remove the key; True if a live entry was there."""
         gid = self.group_id(group)
         return self.locked(self.index.remove, gid, encode_key(key), time.time())
+
+    def set_many(self, group, items, ttl=None):
+        """``set`` of every (key, value) pair of ``items``, BATCH_CHUNK keys per hold of the
+        write lock (each key its own journal step, as a single set). Checks that every
+        value fits before writing any: ValueTooLarge (or InvalidKey) and nothing changes."""
+        gid = self.group_id(group)
+        pairs = self.check_fits_many(group, items)
+        now = time.time()
+        expire_at = self._expiry(gid, ttl, None, now)
+        store = self.index.store
+        for chunk in chunks(pairs, BATCH_CHUNK):
+            self.locked(self._each_step, chunk, lambda pair: store(gid, *pair, expire_at, now))
+
+    def delete_many(self, group, keys):
+        """``delete`` of every key, BATCH_CHUNK keys per hold of the write lock; for each
+        key in order, True if a live entry was there."""
+        gid = self.group_id(group)
+        now = time.time()
+        remove = self.index.remove
+        found = []
+        for chunk in chunks([encode_key(key) for key in keys], BATCH_CHUNK):
+            found += self.locked(self._each_step, chunk, lambda data: remove(gid, data, now))
+        return found
+
+    def _each_step(self, items, operation):
+        """Under the write lock: ``operation(item)`` for each item, one journal step each."""
+        results = []
+        for item in items:
+            if results:
+                self.journal.checkpoint()
+            results.append(operation(item))
+        return results
 
     def clear(self, group=None):
         """Remove every entry of one group, or of all groups."""

@@ -12,7 +12,8 @@ import os
 import random
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import psutil
 
@@ -28,6 +29,7 @@ from .store import Store
 log = logging.getLogger("shmcache")
 
 WORKER_BOOT_ERROR = 3
+BATCH_CONCURRENCY = 16      # pool threads one batch of cluster writes may use at a time
 
 
 class BootInterrupted(BaseException):
@@ -193,22 +195,49 @@ class Node:
         """mailgun's delete: remove on the owner, then on every other host."""
         owner_url = self.peers.owner_url(key)
         owner = self.peers.clients.get(owner_url) if owner_url else None
-        failed = {}
+        failed, answers = {}, {}
         deleted = self.store.delete(group, key)
         if owner is not None:
-            failed.update(self._broadcast([owner], "remove", group, key))
+            failed.update(self._broadcast([owner], "remove", group, key, answers))
         others = [peer for peer in self.peers.others() if peer is not owner]
         failed.update(self._broadcast(others, "remove", group, key))
-        return {"deleted": deleted if owner is None else owner.url not in failed,
+        # Whether the key was there: on its owner (this host when no other owns it).
+        return {"deleted": deleted if owner is None else answers.get(owner.url, False),
                 "failed_peers": failed}
 
-    def _broadcast(self, peers, method, group, key):
-        """Call ``method`` on every peer at once; {url: error} of those that failed."""
+    def run_all(self, function, calls, limit=BATCH_CONCURRENCY):
+        """One Future per ``function(*args)`` of ``calls``, in order. They run on the pool,
+        at most ``limit`` at a time so that one batch cannot take every thread; nothing
+        blocks waiting for them."""
+        calls = list(calls)
+        outcomes = [Future() for _ in calls]
+        pending = iter(range(len(calls)))
+        lock = threading.Lock()
+
+        def runner():
+            while True:
+                with lock:
+                    index = next(pending, None)
+                if index is None:
+                    return
+                try:
+                    outcomes[index].set_result(function(*calls[index]))
+                except Exception as exc:
+                    outcomes[index].set_exception(exc)
+        for _ in range(min(limit, len(calls))):
+            self.pool.submit(runner)
+        return outcomes
+
+    def _broadcast(self, peers, method, group, key, answers=None):
+        """Call ``method`` on every peer at once; {url: error} of those that failed. What
+        each peer's call returned goes into ``answers`` ({url: result}) if given."""
         futures = {peer: self.fanout.submit(getattr(peer, method), group, key) for peer in peers}
         failed = {}
         for peer, future in futures.items():
             try:
-                future.result()
+                result = future.result()
+                if answers is not None:
+                    answers[peer.url] = result
                 self.peers.health.succeeded(peer.url)
             except PeerUnavailable as exc:
                 failed[peer.url] = str(exc)
@@ -327,6 +356,7 @@ class Worker:
             pass                                  # another worker was first
 
     def init_process(self):
+        from .batch import max_batch_body
         from .http_front import Front
         from .httpserver import HttpServer, Limits
         os.environ["SHMCACHE_WORKER"] = str(self.index)
@@ -355,7 +385,8 @@ class Worker:
                                 hot_fraction=config.hot_fraction)
         front = Front(node, base_path=config.base_path, token=config.token,
                       token_reads=config.token_reads, max_key_bytes=config.max_key_bytes)
-        limits = Limits(max_body=store.arena.layout.max_item_size + 4096,
+        max_item_size = store.arena.layout.max_item_size
+        limits = Limits(max_body=max_item_size + 4096, max_post_body=max_batch_body(max_item_size),
                         header_timeout=config.request_timeout,
                         idle_timeout=config.keepalive_timeout)
         handle = access_logged(front.handle) if config.access_log else front.handle

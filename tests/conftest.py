@@ -74,6 +74,15 @@ class Processes:
         self.procs.append(proc)
         return proc
 
+    def release_together(self, children, ready=b"ready", go=b"go\n"):
+        """Wait until every child printed ``ready``, then write ``go`` to each: they start
+        their next step together."""
+        for child in children:
+            assert child.stdout.readline().strip() == ready
+        for child in children:
+            child.stdin.write(go)
+            child.stdin.flush()
+
     def add(self, proc):
         self.procs.append(proc)
         return proc

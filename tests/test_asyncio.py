@@ -19,7 +19,6 @@ from test_reattach import group_supervised  # noqa: F401 - a fixture
 
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 TOKEN = "s3cret-token"
-BATCH_ROUTE = pytest.mark.skip(reason="batch route not merged yet")
 
 
 async def wait_for(condition, what, timeout=60):
@@ -310,7 +309,6 @@ def test_get_many_of_hits_reads_shared_memory_only(supervised):
     asyncio.run(main())
 
 
-@BATCH_ROUTE
 def test_get_many_sends_the_misses_in_one_request(supervised):
     server = supervised(APP)
 
@@ -363,7 +361,6 @@ def test_writes_on_a_cluster_need_the_token(cluster):
     asyncio.run(main())
 
 
-@BATCH_ROUTE
 def test_batch_writes_on_a_cluster_go_through_the_front(cluster):
     hosts = cluster(2, [*APP, "--hot-fraction", "0"])
 

@@ -109,22 +109,31 @@ BATCH_FAILURES = [
 ]
 
 
+def read_batch_answer(status, answer):
+    from shmcache.client import given_keys, many_answer, many_result
+    found, failed = {}, {}
+    many_answer("g", given_keys(["ok", "a", b"b/c", "f", "g", "m"]), status, answer, found,
+                failed)
+    return many_result("g", found, failed)
+
+
 @pytest.mark.parametrize("errors, kind", BATCH_FAILURES)
 def test_a_batch_get_answer_with_failed_keys_raises_naming_them(errors, kind):
-    from shmcache.client import batch_get_answer
     answer = json.dumps({"values": {"ok": "dmFsdWU="}, "missing": [], "errors": errors})
     with pytest.raises(kind) as raised:
-        batch_get_answer("g", 200, answer.encode())
+        read_batch_answer(200, answer.encode())
     assert type(raised.value) is kind
-    assert list(raised.value.failed) == sorted(errors)
-    assert all(key in str(raised.value) for key in errors)
+    assert sorted(raised.value.failed) == sorted(errors)
+    assert raised.value.values == {"ok": b"value"}
+    assert all(repr(key) in str(raised.value) for key in errors)
 
 
 def test_a_batch_get_answer_gives_the_values_and_leaves_out_missing_keys():
-    from shmcache.client import batch_get_answer
     answer = {"values": {"a": "dmFsdWU=", "b/c": ""}, "missing": ["m"], "errors": {}}
-    assert batch_get_answer("g", 200, json.dumps(answer).encode()) == {"a": b"value", "b/c": b""}
-    with pytest.raises(shmcache.NotFound):
-        batch_get_answer("g", 404, b"unknown group 'g'")
+    assert read_batch_answer(200, json.dumps(answer).encode()) == {"a": b"value", b"b/c": b""}
+    with pytest.raises(shmcache.UnknownGroup):
+        read_batch_answer(404, b"unknown group 'g'")
     with pytest.raises(shmcache.AuthError):
-        batch_get_answer("g", 401, b"missing or wrong bearer token")
+        read_batch_answer(401, b"missing or wrong bearer token")
+    with pytest.raises(shmcache.LoadError, match="not a batch get answer"):
+        read_batch_answer(200, b'{"values": {"a": "not base64!"}}')

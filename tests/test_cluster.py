@@ -81,6 +81,10 @@ def test_set_and_delete_reach_every_host_including_hot_copies(cluster):
         assert host.get("test", key)[0] == 404
         with shmcache.connect(name=host.name) as cache:
             assert cache.peek("test", key) is None
+    # Deleting it again: the owner says it was not there, whichever host is asked.
+    for host in hosts:
+        status, body, _ = host.request("DELETE", path)
+        assert status == 200 and b'"deleted": false' in body, (host.url, body)
 
 
 def test_connect_clients_write_through_the_cluster(cluster):

@@ -72,11 +72,7 @@ def test_processes_embedding_one_segment_share_one_load(segment_name, tmp_path, 
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env={**os.environ, "PYTHONPATH": REPO})
                     for _ in range(4)]
-        for child in children:
-            assert child.stdout.readline().strip() == b"ready"
-        for child in children:
-            child.stdin.write(b"go\n")
-            child.stdin.flush()
+        processes.release_together(children)
         for child in children:
             assert child.stdout.readline().strip() == b"loaded-shared"
             assert child.wait(60) == 0
