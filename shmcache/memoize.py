@@ -31,6 +31,7 @@ them, and ``f.invalidate(*args)`` deletes the entry on every host.
 """
 
 import asyncio
+import contextlib
 import datetime
 import decimal
 import enum
@@ -190,8 +191,20 @@ class _Memoized:
         data = self._client.peek(self._group, key)
         return _MISS if data is None else self._serializer.loads(data)
 
-    def _store_result(self, store, key, result):
-        """Serialize and cache ``result``; the bytes, for the other processes' waiters."""
+    @contextlib.contextmanager
+    def _running(self, ran):
+        """Around the function's run: an exception it raises is noted in ``ran`` and goes
+        on as a LoadError naming it (what the other processes' waiters get)."""
+        try:
+            yield
+        except Exception as exc:
+            ran.append((False, exc))
+            raise self._failed(exc) from exc
+
+    def _store_result(self, store, key, result, ran):
+        """Note ``result`` in ``ran``, serialize and cache it; the bytes, for the other
+        processes' waiters."""
+        ran.append((True, result))
         data = self._serializer.dumps(result)
         if isinstance(data, str):
             data = data.encode()
@@ -250,13 +263,9 @@ class SyncMemoized(_Memoized):
         ran = []                # [(True, result)] or [(False, exception)] if it ran here
 
         def load_and_store():
-            try:
+            with self._running(ran):
                 result = self._func(*args, **kwargs)
-            except Exception as exc:
-                ran.append((False, exc))
-                raise self._failed(exc) from exc
-            ran.append((True, result))
-            return self._store_result(store, key, result)
+            return self._store_result(store, key, result, ran)
         try:
             data = flights.load(gid, data_key, load_and_store)
         except LoadError:
@@ -292,13 +301,9 @@ class AsyncMemoized(_Memoized):
         ran = []
 
         async def load_and_store():
-            try:
+            with self._running(ran):
                 result = await self._func(*args, **kwargs)
-            except Exception as exc:
-                ran.append((False, exc))
-                raise self._failed(exc) from exc
-            ran.append((True, result))
-            return self._store_result(store, key, result)
+            return self._store_result(store, key, result, ran)
         try:
             data = await flights.aload(gid, data_key, load_and_store)
         except LoadError:
