@@ -30,17 +30,19 @@ import weakref
 from collections.abc import Iterable, Mapping
 
 from . import batch
-from .client import (DEFAULT_TIMEOUT, Client, batch_path, connect as _connect, distinct_keys,
+from .client import (DEFAULT_TIMEOUT, Client, batch_path, connect as _connect,
+                     create as _create, distinct_keys,
                      fetch_answer, front_key, front_path, given_keys, many_answer, many_result,
                      set_many_body, ttl_query, write_answer)
-from .errors import ClientClosed, PeerUnavailable, SegmentNotFound
+from .errors import ClientClosed, LoadError, NotFound, PeerUnavailable, SegmentNotFound
+from .lru_index import encode_key
 from .store import Store, check_ttl, encode_value
 
 IDLE_CONNECTIONS = 8      # kept-alive connections to the front kept per event loop
 MAX_CONNECTIONS = 64      # open at once per event loop; more requests wait for one
 JSON = "application/json"
 
-__all__ = ["AsyncClient", "connect"]
+__all__ = ["AsyncClient", "connect", "create"]
 
 
 def connect(port: int | None = None, *, name: str | None = None,
@@ -52,6 +54,14 @@ def connect(port: int | None = None, *, name: str | None = None,
     sent to the front. SegmentNotFound if there is no such segment, SegmentIncompatible if it
     is not one this version reads."""
     return AsyncClient(_connect(port, name=name, timeout=timeout, token=token))
+
+
+def create(name: str, memory: int | str = "64MiB", **options) -> "AsyncClient":
+    """As ``shmcache.create`` (same arguments), for asyncio code: a segment this process
+    owns, without a supervisor. A miss of a group given with a getter is loaded by this
+    process, once for the host; the getter is a plain function and runs on the loop.
+    ``async with`` closes and removes the segment at the end."""
+    return AsyncClient(_create(name, memory, **options))
 
 
 class AsyncClient:
@@ -89,17 +99,35 @@ class AsyncClient:
         return await self._load(group, key)
 
     async def _load(self, group, key):
-        """The front's answer for a missed key, one request for every waiter on this loop."""
+        """A missed key's value, one load for every waiter on this loop: by the front, or
+        by this process's own getter for a group given to ``create(groups=...)``."""
+        client = self._client
         path = front_path(group, key)
         front = await self._front()
         flight = front.flights.get(path)
         if flight is None:
-            self._client._miss_to_front(group, key)
-            flight = asyncio.get_running_loop().create_task(front.fetch(path))
+            local = client._local_group(group)
+            if local is not None:
+                load = self._load_here(*local, key)
+            else:
+                client._miss_to_front(group, key)
+                load = front.fetch(path)
+            flight = asyncio.get_running_loop().create_task(load)
             front.flights[path] = flight
             flight.add_done_callback(lambda done: front.land(path, done))
-        # A cancelled waiter leaves the request running for the others (see the docstring).
+        # A cancelled waiter leaves the load running for the others (see the docstring).
         return await asyncio.shield(flight)
+
+    async def _load_here(self, store, group, key):
+        """Load with this process's getter, once for the host (the arena's in-flight table),
+        waiting for another process's load of it on the loop. The getter is a plain
+        function: it runs on the loop, so a slow one holds the loop up while it runs."""
+        client = self._client
+
+        async def load_and_store():
+            return client._load_and_store(store, group, key)
+        return await client._host_flights(store).aload(
+            store.group_id(group.name), encode_key(key), load_and_store)
 
     async def get_many(self, group: str, keys: Iterable[str | bytes]) -> dict:
         """{key as given: value} of the keys that exist: hits from shared memory, and every
@@ -122,8 +150,26 @@ class AsyncClient:
                 return await self._load_many(group, wanted, {})
         if not missed:
             return found
+        if client._local_group(group) is not None:
+            return await self._load_here_many(group, missed, found)
+        store = client._attachment.current
+        if store is not None and store.arena.front() is None:
+            return found                    # nothing here can load them: absent
         client._miss_to_front(group, missed[0], count=len(missed))
         return await self._load_many(group, missed, found)
+
+    async def _load_here_many(self, group, keys, found):
+        """Load ``keys`` with this process's getter, one after another (as the sync client:
+        a getter need not be safe to run concurrently)."""
+        failed = {}
+        for key in keys:
+            try:
+                found[key] = await self._load(group, key)
+            except NotFound:
+                pass
+            except (LoadError, PeerUnavailable) as exc:
+                failed[key] = exc
+        return many_result(group, found, failed)
 
     async def _load_many(self, group, keys, found):
         given = given_keys(keys)
@@ -193,6 +239,12 @@ class AsyncClient:
                                            JSON)
         return write_answer(f"{op} batch of {group!r}", status, data)
 
+    def define_group(self, name: str, cache_bytes: int | str, ttl: float | None = None,
+                     getter=None) -> None:
+        """As ``Client.define_group`` (a short shared-memory write, not a coroutine): with
+        ``getter``, this process loads the group's misses itself, once for the host."""
+        self._client.define_group(name, cache_bytes, ttl, getter)
+
     async def stats(self) -> dict:
         """The segment's figures, each group's counters summed over the host's processes."""
         return self._client.stats()
@@ -218,6 +270,8 @@ class AsyncClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+        if self._client.owner:
+            self._client.unlink()
 
     async def _front(self):
         """The running loop's way to the front, made on first use."""

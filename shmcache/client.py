@@ -97,10 +97,9 @@ class Client:
             return self._fetch_without_segment(group, key)
         if value is not None:
             return value
-        store = self._attachment.current
-        loader = self._groups.get(group)
-        if loader is not None and loader.getter is not None and store is not None:
-            return self._load_here(store, loader, key)
+        local = self._local_group(group)
+        if local is not None:
+            return self._load_here(*local, key)
         self._miss_to_front(group, key)
         return self._fetch(group, key)
 
@@ -120,16 +119,26 @@ class Client:
         """Load with this process's getter, once for every process of the host: the arena's
         in-flight table makes other processes that miss the same key wait for this load
         (or this one wait for theirs), as a supervisor's workers do."""
-        flights = self._host_flights(store)
+        return self._host_flights(store).load(store.group_id(group.name), encode_key(key),
+                                              lambda: self._load_and_store(store, group, key))
 
-        def load_and_store():
-            value = group.load(key if isinstance(key, str) else _key_text(key))
-            try:
-                store.set(group.name, key, value)          # the group's TTL applies
-            except ValueTooLarge:
-                pass                                       # answered, not cached
-            return value
-        return flights.load(store.group_id(group.name), encode_key(key), load_and_store)
+    def _local_group(self, group):
+        """(live store, Group) if this process loads ``group``'s misses itself, else None."""
+        loader = self._groups.get(group)
+        store = self._attachment.current
+        if loader is not None and loader.getter is not None and store is not None:
+            return store, loader
+        return None
+
+    @staticmethod
+    def _load_and_store(store, group, key):
+        """``group``'s getter's value for ``key``, stored in ``store`` (with the group's TTL)."""
+        value = group.load(key if isinstance(key, str) else _key_text(key))
+        try:
+            store.set(group.name, key, value)
+        except ValueTooLarge:
+            pass                                           # answered, not cached
+        return value
 
     def _host_flights(self, store):
         """The host-wide singleflight of ``store``, one per client and segment."""
@@ -193,18 +202,18 @@ class Client:
                 found[key] = value
         if not missed:
             return found
-        store = self._attachment.current
-        loader = self._groups.get(group)
-        if loader is not None and loader.getter is not None and store is not None:
+        local = self._local_group(group)
+        if local is not None:
             failed = {}
             for key in missed:
                 try:
-                    found[key] = self._load_here(store, loader, key)
+                    found[key] = self._load_here(*local, key)
                 except NotFound:
                     pass
                 except (LoadError, PeerUnavailable) as exc:
                     failed[key] = exc
             return many_result(group, found, failed)
+        store = self._attachment.current
         if store is not None and store.arena.front() is None:
             return found                    # nothing here can load them: absent
         self._miss_to_front(group, missed[0], count=len(missed))

@@ -409,3 +409,96 @@ def test_one_client_serves_two_event_loops_in_turn(supervised):
         gc.collect()
     # The first loop's kept-alive connection was closed when asyncio.run shut it down.
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# An embedding process: its own getter for group "users" (recording each call, then
+# waiting for the gate file), `count` tasks awaiting one cold key, `cancel` of them cancelled.
+EMBEDDED = r"""
+import asyncio, os, sys, time
+import shmcache, shmcache.asyncio
+name, calls, gate, count, cancel = sys.argv[1:6]
+count, cancel = int(count), int(cancel)
+
+def getter(key):
+    with open(calls, "a") as log:
+        log.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.005)                   # a slow database (runs on the loop: plain getter)
+    return f"loaded {key}"
+
+async def main():
+    cache = shmcache.asyncio.AsyncClient(shmcache.connect(name=name, timeout=120))
+    cache.define_group("users", "1MiB", getter=getter)
+    print("started", flush=True)
+    tasks = [asyncio.ensure_future(cache.get("users", "ada")) for _ in range(count)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    for task in tasks[:cancel]:              # in the loading process, the getter held the
+        task.cancel()                         # loop: its tasks may be done by now
+    results = [type(r).__name__ if isinstance(r, BaseException) else repr(r)
+               for r in await asyncio.gather(*tasks, return_exceptions=True)]
+    for outcome in sorted(set(results)):
+        print(results.count(outcome), outcome, flush=True)
+    await cache.close()
+asyncio.run(main())
+"""
+
+
+def test_embedded_getters_load_once_for_the_host_across_loops_and_processes(
+        segment_name, processes, tmp_path):
+    from conftest import REPO
+    from shmcache.lru_index import encode_key
+    from shmcache.singleflight import HostFlights
+    calls, gate = tmp_path / "calls", tmp_path / "gate"
+    with shmcache.create(segment_name, "8MiB", groups={"users": "1MiB"}) as owner:
+        children = [processes.python(EMBEDDED, segment_name, calls, gate, 300, 5,
+                                     stdout=subprocess.PIPE, text=True, cwd=REPO)
+                    for _ in range(3)]
+        for child in children:
+            assert child.stdout.readline().strip() == "started"
+        store = owner._live_store()
+        flights, gid = HostFlights(store), store.group_id("users")
+        deadline = time.monotonic() + 60
+        while flights.waiting(gid, encode_key("ada")) != 2:     # all but the loader
+            assert time.monotonic() < deadline, "the processes never met in one load"
+            time.sleep(0.01)
+        gate.write_text("open")
+        outcomes = {}
+        for child in children:
+            out, _ = child.communicate(timeout=120)
+            assert child.returncode == 0, out
+            for line in out.splitlines():
+                count, outcome = line.split(" ", 1)
+                outcomes[outcome] = outcomes.get(outcome, 0) + int(count)
+        cancelled = outcomes.pop("CancelledError", 0)
+        assert set(outcomes) == {"b'loaded ada'"}
+        assert outcomes["b'loaded ada'"] + cancelled == 900 and 10 <= cancelled <= 15
+        assert len(calls.read_text().split()) == 1
+        assert owner.peek("users", "ada") == b"loaded ada"
+
+
+def test_an_async_client_of_its_own_segment(segment_name):
+    from shmcache.asyncio import create
+    runs = []
+
+    def getter(key):
+        runs.append(key)
+        if key == "nobody":
+            raise KeyError(key)
+        return key.upper()
+
+    async def main():
+        group = shmcache.Group("names", "1MiB", getter)
+        async with create(segment_name, "8MiB", groups=[group]) as cache:
+            assert await asyncio.gather(*[cache.get("names", "ada") for _ in range(50)]) \
+                == [b"ADA"] * 50
+            with pytest.raises(shmcache.NotFound):
+                await cache.get("names", "nobody")
+            assert await cache.get_many("names", ["ada", "bob", "nobody"]) == {
+                "ada": b"ADA", "bob": b"BOB"}
+            await cache.set_many("names", {"cy": b"C"})
+            assert await cache.delete_many("names", ["cy", "zed"]) == 1
+        assert not os.path.exists(os.path.join(shmcache.arena.shm_dir(), segment_name))
+    asyncio.run(main())
+    assert runs == ["ada", "nobody", "bob", "nobody"]
