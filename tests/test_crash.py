@@ -7,6 +7,7 @@ import os
 import random
 import select
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -63,8 +64,26 @@ def prepare(make_cache, setup):
     if setup == "many":
         for i in range(200):
             cache.set("g", f"item-{i}", b"x" * 50)
-    cache.set("keep", "bystander", b"still here")
+    for i in range(BYSTANDERS):
+        cache.set("keep", f"bystander-{i}", b"still here")
     return cache
+
+
+BYSTANDERS = 8
+
+
+def bystander_on_an_even_stripe(cache):
+    """A bystander key whose seqlock stripe the frozen writer has not made odd. One that
+    shares a stripe with the write in progress is read under the lock, so it waits, by
+    design; the stripes of the keys depend on the segment's hash seeds."""
+    index = cache._store.index
+    gid = cache._store.group_id("keep")
+    for i in range(BYSTANDERS):
+        key = f"bystander-{i}"
+        stripe = index._bucket(gid, key.encode()) % index.nstripes
+        if not struct.unpack_from("I", index.buf, index.stripes_off + 4 * stripe)[0] & 1:
+            return key
+    raise AssertionError(f"all {BYSTANDERS} bystanders' stripes are odd")
 
 
 def read_line(proc, timeout=60):
@@ -92,8 +111,8 @@ def test_writer_killed_mid_update(make_cache, segment_name, processes, operation
 
     if operation != "pressure":          # page reassignment may evict anything
         # A reader elsewhere is not held up by a writer frozen with the lock.
-        result = []
-        reader = threading.Thread(target=lambda: result.append(cache.peek("keep", "bystander")))
+        result, key = [], bystander_on_an_even_stripe(cache)
+        reader = threading.Thread(target=lambda: result.append(cache.peek("keep", key)))
         reader.start()
         reader.join(timeout=10)
         assert result == [b"still here"], "a lock-free read waited for the frozen writer"
