@@ -106,7 +106,9 @@ class Node:
                 fetched = self._fetch_from_owner(owner, group, key)
                 if fetched is not None:
                     return fetched
-        return self._load_locally(group, key), None
+        value = self._load_locally(group, key)
+        ttl = self.groups[group].ttl            # about when the value stored here expires
+        return value, (time.time() + ttl if ttl else None)
 
     def _fetch_from_owner(self, owner, group, key):
         """(value, expiry) from the owner; None to load locally instead (groupcache's
