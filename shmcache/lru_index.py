@@ -1,5 +1,10 @@
 """Hash index, per-group CLOCK rings, byte budgets and TTL, all inside the arena.
 
+**Stale window.** An item whose expiry has passed is absent to ``lookup_locked`` and to the
+plain readers, but for the group's stale window past its expiry it is still *stale*: the
+stale-aware readers (``lookup_locked(stale=True)``, reader.py's ``stale=True``) return it,
+and the CLOCK hand passes it as a live item rather than taking it first as a dead one.
+
 Readers take no lock. Writers hold the write lock (store.py) and change structures only
 through the journal (journal.py); this module takes no lock itself.
 
@@ -41,6 +46,8 @@ Group record (GROUP_RECORD_BYTES, at ``groups_off + 256 * group id``)::
     100  u32  defined (1) (J)
     104  u64  evictions         112  u64  expirations
     120  u64  sets              128  u64  deletes      (statistics: not journaled)
+    136  f64  stale window in seconds (0 = none): how long past its expiry an item may
+              still be served stale while it is reloaded (J)
 
 Buckets: u32 item refs, heads of the hash chains. Stripes: u32 seqlock counters.
 """
@@ -63,10 +70,12 @@ _GROUP_STATS = struct.Struct("QQQQ")  # evictions, expirations, sets, deletes (o
 _COUNTS = struct.Struct("QQ")        # bytes, items (offset 80)
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
+_F64 = struct.Struct("d")
 assert _HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRANULE == 32
 
 _G_BUDGET, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 80, 88, 96, 100
 _G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
+_G_STALE = 136
 _I_EXPIRY, _I_PREV, _I_NEXT = 8, 16, 20
 
 MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
@@ -125,10 +134,12 @@ class Index:
     # -- readers ------------------------------------------------------------------------------
     # The lock-free read path is reader.make_reader; this is its fallback under the lock.
 
-    def lookup_locked(self, gid, key, now, with_expiry=False):
-        """The reader's lookup for the write-lock holder: no seqlock, no walk limit."""
+    def lookup_locked(self, gid, key, now, with_expiry=False, stale=False):
+        """The reader's lookup for the write-lock holder: no seqlock, no walk limit.
+        ``stale``: an item past its expiry but within its group's stale window is found too."""
         _link, offset = self._find(self.buckets_off + self._bucket(gid, key) * 4, gid, key)
-        if not offset or self._expired(offset, now) or not self.buf[offset + 4] & 1:
+        gone = self._dead if stale else self._expired
+        if not offset or gone(offset, now) or not self.buf[offset + 4] & 1:
             return None
         _ref, _s, klen, _g, frac, seconds, vlen = _HEAD.unpack_from(self.buf, offset)
         self._set_ref(offset)
@@ -286,8 +297,9 @@ class Index:
 
     # -- groups -----------------------------------------------------------------------------
 
-    def define_group(self, name, cache_bytes, ttl, now):
-        """Create the group, or update its budget and TTL (shrinking evicts). Returns its id."""
+    def define_group(self, name, cache_bytes, ttl, now, stale=None):
+        """Create the group, or update its budget, TTL and stale window (shrinking evicts).
+        Returns its id."""
         buf, journal = self.buf, self.journal
         encoded = name.encode()
         gid = self.find_group(name)
@@ -303,6 +315,7 @@ class Index:
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         journal.w64(group + _G_BUDGET, cache_bytes)
         journal.w64(group + 72, _U64.unpack_from(struct.pack("d", ttl or 0.0))[0])
+        journal.w64(group + _G_STALE, _U64.unpack_from(struct.pack("d", stale or 0.0))[0])
         journal.w32(group + _G_DEFINED, 1)
         if gid >= _U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]:
             journal.w32(_OFFSET_GROUP_LIMIT, gid + 1)
@@ -326,6 +339,10 @@ class Index:
     def group_ttl(self, gid):
         return _GROUP.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES)[2] or None
 
+    def group_stale(self, gid):
+        """The group's stale window in seconds (0.0: none)."""
+        return _F64.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_STALE)[0]
+
     def groups(self):
         """{name: stats dict} of every defined group."""
         result = {}
@@ -337,7 +354,8 @@ class Index:
             evictions, expirations, sets, deletes = _GROUP_STATS.unpack_from(
                 self.buf, record + _G_EVICTIONS)
             result[name.rstrip(b"\0").decode()] = {
-                "id": gid, "cache_bytes": budget, "ttl": ttl or None, "bytes": nbytes,
+                "id": gid, "cache_bytes": budget, "ttl": ttl or None,
+                "stale": _F64.unpack_from(self.buf, record + _G_STALE)[0] or None, "bytes": nbytes,
                 "items": items, "evictions": evictions, "expirations": expirations,
                 "sets": sets, "deletes": deletes}
         return result
@@ -406,6 +424,12 @@ class Index:
         seconds = _U32.unpack_from(self.buf, offset + _I_EXPIRY)[0]
         return bool(seconds) and seconds + self.buf[offset + 7] * _FRACTION <= now
 
+    def _dead(self, offset, now):
+        """Expired, and past its group's stale window too: of no use to anyone."""
+        seconds = _U32.unpack_from(self.buf, offset + _I_EXPIRY)[0]
+        return bool(seconds) and (seconds + self.buf[offset + 7] * _FRACTION
+                                  + self.group_stale(self.buf[offset + 6]) <= now)
+
     def _unlink(self, offset, link):
         """Take a found item out of its chain and ring, uncount it, free its chunk."""
         buf, journal = self.buf, self.journal
@@ -440,7 +464,7 @@ class Index:
         buf, journal = self.buf, self.journal
         offset = _U32.unpack_from(buf, group + _G_HAND)[0] << 3
         for chance in range(1, MAX_SECOND_CHANCES + 1):
-            if not offset or not self._take_ref(offset) or self._expired(offset, now):
+            if not offset or not self._take_ref(offset) or self._dead(offset, now):
                 break
             nxt = _U32.unpack_from(buf, offset + _I_NEXT)[0]
             journal.w32(group + _G_HAND, nxt)

@@ -17,6 +17,11 @@ Diverting costs a hit nothing: the group lookup every read starts with is a dict
 store empties when it diverts its readers (store.py), and only the branch taken when a name
 is not in the dict asks whether to take the detour.
 
+A *stale-aware* reader (``stale=True``; only workers and a client loading its own misses use
+one, and only after a plain read missed) also returns an item past its expiry while it is
+within its group's stale window (lru_index.py); it looks the window up only once an item is
+found expired, so a fresh hit costs what it costs in any reader.
+
 A hit sets the item's CLOCK reference bit (outside the chunk, so a write that comes late,
 after the chunk changed hands, only sets a stray bit) and counts in the process's list
 (metrics.py). Layouts: lru_index.py.
@@ -27,9 +32,9 @@ import time
 
 import xxhash
 
-from .arena import ITEM_HEADER_BYTES, MAX_KEY_BYTES
+from .arena import GROUP_RECORD_BYTES, ITEM_HEADER_BYTES, MAX_KEY_BYTES
 from .errors import InvalidKey
-from .lru_index import _FRACTION, _HEAD, _U32, encode_key
+from .lru_index import _F64, _FRACTION, _G_STALE, _HEAD, _U32, encode_key
 from .metrics import HITS, HOT_HITS, MISSES, PER_GROUP
 from .slabs import STATE_HOT
 
@@ -40,7 +45,7 @@ MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for t
 
 
 def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,
-                detour=None):
+                detour=None, stale=False):
     """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
     costs about a microsecond of Python, so every constant is a local and there is no
     inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it, raises,
@@ -49,13 +54,16 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
     lock-free read is possible (a writer busy or dead on the key's stripe, or a chain
     longer than MAX_CHAIN). ``counts`` is the process's counter list (metrics.py): hits,
     misses and hot-copy hits are counted there. ``with_expiry``: return (value, expiry
-    Unix time or None, whether it is a hot copy) instead of the value."""
+    Unix time or None, whether it is a hot copy) instead of the value. ``stale``: an item
+    past its expiry but within its group's stale window is returned too (its expiry tells),
+    and ``locked_lookup`` must then find such items as well."""
     buf, seeds, nbuckets, nstripes = index.buf, index.seeds, index.nbuckets, index.nstripes
     stripes_off, buckets_off, refbits_off = index.stripes_off, index.buckets_off, index.refbits_off
     low = index.pages_off
     high = index.pages_end - ITEM_HEADER_BYTES
     pages_end, max_item = index.pages_end, index.max_item_size
-    unpack_u32, unpack_head = _U32.unpack_from, _HEAD.unpack_from
+    unpack_u32, unpack_head, unpack_f64 = _U32.unpack_from, _HEAD.unpack_from, _F64.unpack_from
+    stale_off = index.groups_off + _G_STALE
     digest, sched_yield, now = xxhash.xxh3_64_intdigest, os.sched_yield, time.time
     find_group = group_ids.get
 
@@ -104,8 +112,10 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
                 counts[gid << 4 | MISSES] += 1
                 return None
             if seconds and seconds + frac * _FRACTION <= now():
-                counts[gid << 4 | MISSES] += 1
-                return None
+                if not stale or (seconds + frac * _FRACTION
+                                 + unpack_f64(buf, stale_off + gid * GROUP_RECORD_BYTES)[0] <= now()):
+                    counts[gid << 4 | MISSES] += 1
+                    return None
             bit = (found - low) >> 5                # REFBIT_GRANULE = 32
             byte_off = refbits_off + (bit >> 3)
             mask = 1 << (bit & 7)

@@ -58,12 +58,13 @@ def encode_value(value):
     raise TypeError(f"value must be bytes or str, not {type(value).__name__}")
 
 
-def check_ttl(ttl):
-    """None, or a positive number of seconds; ValueError otherwise."""
+def check_ttl(ttl, what="ttl"):
+    """None, or a positive number of seconds; ValueError (naming ``what``) otherwise."""
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < 1e9:
-        raise InvalidArgument(f"ttl must be a positive number of seconds or None, not {ttl!r}")
+        raise InvalidArgument(f"{what} must be a positive number of seconds or None, "
+                              f"not {ttl!r}")
     return float(ttl)
 
 
@@ -109,6 +110,12 @@ class Store:
         self.recheck = make_reader(self.index, self._group_ids, resolve, locked,
                                    [0] * len(counts), with_expiry=True,
                                    detour=self._refuse_detour)
+        # get_stale: as recheck, but an entry past its expiry and within its group's stale
+        # window is found too (its expiry, in the past, says so). Uncounted: the caller
+        # looks after a plain read missed, and counts what it serves (stale.py).
+        self.get_stale = make_reader(self.index, self._group_ids, resolve, self._locked_get_stale,
+                                     [0] * len(counts), with_expiry=True,
+                                     detour=self._refuse_detour, stale=True)
 
     @classmethod
     def create(cls, name, memory, max_item_size=1 << 20, max_groups=64, before_publish=None):
@@ -229,13 +236,16 @@ class Store:
         return SegmentNotFound(f"segment {self.arena.name!r} was removed or replaced "
                                f"(the cache restarted or stopped)")
 
-    def define_group(self, name, cache_bytes, ttl=None):
-        """Create the group or change its budget/TTL (a smaller budget evicts at once)."""
+    def define_group(self, name, cache_bytes, ttl=None, stale=None):
+        """Create the group or change its budget/TTL/stale window (a smaller budget evicts at
+        once). ``stale``: seconds past its expiry an entry may still be served while it is
+        reloaded (None: not at all)."""
         if not isinstance(name, str) or not name or len(name.encode()) > 64:
             raise InvalidArgument(f"group name must be 1 to 64 bytes of text, not {name!r}")
         cache_bytes = parse_size(cache_bytes)
         ttl = check_ttl(ttl)
-        gid = self.locked(self.index.define_group, name, cache_bytes, ttl, time.time())
+        stale = check_ttl(stale, "stale")
+        gid = self.locked(self.index.define_group, name, cache_bytes, ttl, time.time(), stale)
         self._remember_group(name, gid)
         return gid
 
@@ -243,6 +253,9 @@ class Store:
 
     def _locked_get(self, gid, key, with_expiry):
         return self.locked(self.index.lookup_locked, gid, key, time.time(), with_expiry)
+
+    def _locked_get_stale(self, gid, key, with_expiry):
+        return self.locked(self.index.lookup_locked, gid, key, time.time(), with_expiry, True)
 
     def count(self, group, kind, amount=1):
         """Add to one of this process's counters for ``group`` (metrics.KINDS)."""
@@ -356,6 +369,16 @@ class Store:
         gid = self.group_id(group)
         return self.locked(self.index.store, gid, encode_key(key), encode_value(value),
                            expire_at, time.time(), STATE_HOT, version)
+
+    def drop_stale(self, group, key):
+        """Remove the key if its entry is past its expiry (a stale one whose reload found
+        the key gone), but not a fresh value stored meanwhile."""
+        gid = self.group_id(group)
+        self.locked(self._drop_stale_locked, gid, encode_key(key), time.time())
+
+    def _drop_stale_locked(self, gid, data, now):
+        if self.index.lookup_locked(gid, data, now) is None:
+            self.index.remove(gid, data, now)
 
     def delete(self, group, key):
         """Remove the key; True if a live entry was there."""
