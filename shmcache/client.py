@@ -22,6 +22,7 @@ from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadE
 from .group import Group
 from .lru_index import encode_key
 from .metrics import MISSES, host_stats
+from .stale import Refreshes, refresh, stale_hit
 from .store import Store, check_ttl, encode_value
 
 DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
@@ -54,6 +55,7 @@ class Client:
         self._groups = {}                # name -> Group whose getter this process runs on a miss
         self._flights = None             # HostFlights of the current segment, made on first load
         self._flights_lock = threading.Lock()
+        self._refreshes = Refreshes()    # background refreshes of stale values (own getters)
         self._front_generation = 0       # bumped when the segment or its front changes
         self._path, self._identity = store.arena.path, store.arena.identity  # for unlink()
         # Sets self.peek, the hit path: the segment's own reader, one call, no wrapper.
@@ -87,8 +89,10 @@ class Client:
     def get(self, group: str, key: str | bytes) -> bytes:
         """The value: from shared memory, else loaded once for the whole host: by this
         process's own getter for a group given to ``create(groups=...)``, else through the
-        host's front. NotFound (a KeyError) if the key does not exist, or is not cached in a
-        segment with neither getter nor front; LoadError / LoadTimeout if loading failed;
+        host's front. A value past its ttl but within its group's stale window is answered
+        at once, and reloaded in the background: by the front, or by this process's getter
+        (``peek`` never answers one). NotFound (a KeyError) if the key does not exist, or is
+        not cached in a segment with neither getter nor front; LoadError / LoadTimeout if loading failed;
         AuthError if the front wants a token; PeerUnavailable if the front cannot be reached;
         SegmentNotFound if the cache has no live segment and its front does not answer."""
         try:
@@ -99,9 +103,19 @@ class Client:
             return value
         local = self._local_group(group)
         if local is not None:
-            return self._load_here(*local, key)
+            return self._load_or_stale(*local, key)
         self._miss_to_front(group, key)
         return self._fetch(group, key)
+
+    def _load_or_stale(self, store, group, key):
+        """A missed key's value loaded by this process's getter (``_load_here``); or its
+        stale value, if it has one, while a refresh reloads it in the background."""
+        found = stale_hit(store, group.name, key)
+        if found is None:
+            return self._load_here(store, group, key)
+        self._refreshes.start((group.name, key), lambda: refresh(
+            store, group, key, lambda: self._load_here(store, group, key, wait=False)))
+        return found[0]
 
     def _miss_to_front(self, group, key, count=1):
         """Before ``count`` missed keys of ``group`` go to the front: NotFound if the segment
@@ -115,12 +129,15 @@ class Client:
                            f"no getter for {group!r} in this process and no front to load it")
         store.counters.add(store.group_id(group), MISSES, -count)
 
-    def _load_here(self, store, group, key):
+    def _load_here(self, store, group, key, wait=True):
         """Load with this process's getter, once for every process of the host: the arena's
         in-flight table makes other processes that miss the same key wait for this load
-        (or this one wait for theirs), as a supervisor's workers do."""
-        return self._host_flights(store).load(store.group_id(group.name), encode_key(key),
-                                              lambda: self._load_and_store(store, group, key))
+        (or this one wait for theirs), as a supervisor's workers do. ``wait=False`` (a
+        refresh): leave the key to a load already in flight, if any (None)."""
+        flights = self._host_flights(store)
+        load = flights.load if wait else flights.load_unless_loading
+        return load(store.group_id(group.name), encode_key(key),
+                    lambda: self._load_and_store(store, group, key))
 
     def _local_group(self, group):
         """(live store, Group) if this process loads ``group``'s misses itself, else None."""
@@ -207,7 +224,7 @@ class Client:
             failed = {}
             for key in missed:
                 try:
-                    found[key] = self._load_here(*local, key)
+                    found[key] = self._load_or_stale(*local, key)
                 except NotFound:
                     pass
                 except (LoadError, PeerUnavailable) as exc:
@@ -329,14 +346,16 @@ class Client:
         self._write(self._live_store(), Store.clear, group)
 
     def define_group(self, name: str, cache_bytes: int | str, ttl: float | None = None,
-                     getter: "Callable[[str], bytes | str] | None" = None) -> None:
+                     getter: "Callable[[str], bytes | str] | None" = None,
+                     stale: float | None = None) -> None:
         """Define group ``name`` in the segment, or change its budget (key + value bytes, an
-        int or a size such as "64MiB"; a smaller one evicts at once) and default TTL in
-        seconds (None: until evicted). With ``getter``, this client loads the group's misses
-        itself, once for the host (see ``create``). Every process attached to the segment
-        sees the group at once."""
-        group = Group(name, cache_bytes, getter, ttl)
-        self._write(self._live_store(), Store.define_group, name, group.cache_bytes, ttl)
+        int or a size such as "64MiB"; a smaller one evicts at once), default TTL in
+        seconds (None: until evicted) and stale window (see ``Group``). With ``getter``,
+        this client loads the group's misses itself, once for the host (see ``create``).
+        Every process attached to the segment sees the group at once."""
+        group = Group(name, cache_bytes, getter, ttl, stale)
+        self._write(self._live_store(), Store.define_group, name, group.cache_bytes, ttl,
+                    group.stale)
         if getter is not None:
             self._groups[name] = group
 
@@ -654,7 +673,7 @@ def create(name: str, memory: int | str = "64MiB", *,
 
     def define(store):
         for group in wanted:
-            store.define_group(group.name, group.cache_bytes, group.ttl)
+            store.define_group(group.name, group.cache_bytes, group.ttl, group.stale)
     client = Client(Store.create(name, memory, max_item_size, max_groups, before_publish=define),
                     owner=True)
     client._groups.update((group.name, group) for group in wanted)

@@ -27,11 +27,15 @@ class Group:
     ``getter(key: str) -> bytes | str`` loads a missing key; it raises KeyError when the key
     does not exist. ``cache_bytes`` bounds key + value bytes held for the group on each host.
     ``ttl`` (seconds) bounds how long a loaded or set value is served; None = until evicted.
+    ``stale`` (seconds; None or 0 = off) serves a value for that much longer past its ttl
+    while one load per host reloads it in the background (stale-while-revalidate); if the
+    reload fails, the old value is served on until the window ends (stale-if-error). It
+    applies to entries that expire: those of a group with a ``ttl``, or set with one.
     """
 
     def __init__(self, name: str, cache_bytes: int | str = DEFAULT_CACHE_BYTES,
                  getter: Callable[[str], bytes | str] | None = None,
-                 ttl: float | None = None) -> None:
+                 ttl: float | None = None, stale: float | None = None) -> None:
         if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
             raise InvalidArgument(f"bad group name {name!r}: 1 to 64 of letters, digits, "
                                   f"'_', '.', '-'")
@@ -44,10 +48,15 @@ class Group:
                                 or not 0 < ttl < 1e9):
             raise InvalidArgument(f"ttl of group {name!r} must be positive seconds or None")
         self.ttl = ttl
+        if stale is not None and (isinstance(stale, bool) or not isinstance(stale, (int, float))
+                                  or not 0 <= stale < 1e9):
+            raise InvalidArgument(f"stale of group {name!r} must be seconds (0 or None: off)")
+        self.stale = stale or None
         self._failures = FailureLog(name)
 
     def __repr__(self):
-        return f"Group({self.name!r}, cache_bytes={self.cache_bytes}, ttl={self.ttl})"
+        return (f"Group({self.name!r}, cache_bytes={self.cache_bytes}, ttl={self.ttl}, "
+                f"stale={self.stale})")
 
     def load(self, key: str) -> bytes:
         """Call the getter: bytes, or NotFound (KeyError) / LoadError (anything else)."""

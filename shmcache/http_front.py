@@ -13,6 +13,17 @@ Routes (DESIGN.md):
     POST   /cache/<group>?op=set
     POST   /cache/<group>?op=delete
 
+A group's stale window (``Group(stale=SECONDS)``; stale.py): past a value's ttl and within
+the window, a GET answers the old value at once and reloads it in the background (once per
+host). Such an answer, on /cache/ (and to a non-owner that fetched one from its owner), has
+two more headers:
+
+    X-Cache: stale
+    Age: <whole seconds since the value was loaded: the group's ttl + time past its expiry>
+
+Fresh answers have neither. The peer route answers a stale value with its (past) ``expire``;
+a batch get serves stale values as GET does, unmarked.
+
 ``<group>`` and ``<key>`` are percent-escaped by the sender (``quote(s, safe="")``) and
 decoded here with ``unquote`` (never ``unquote_plus``); the key may contain ``/``.
 Every error is a short text body with a 4xx/5xx status; a worker never sends a traceback.
@@ -64,6 +75,7 @@ from .arena import MAX_KEY_BYTES
 from .group import GROUP_NAME
 from .lru_index import encode_key
 from .metrics import SERVER_REQUESTS, prometheus_text
+from .stale import stale_headers
 
 log = logging.getLogger("shmcache")
 
@@ -308,6 +320,9 @@ class Front:
             hit = node.peek(group, key)
             if hit is not None:
                 return render(200, hit[0], content_type=OCTETS, head=head)
+            hit = node.peek_stale(group, key)
+            if hit is not None:
+                return self._value_answer(group, hit[0], hit[1], head)
             return then(node.get_future(group, key),
                         lambda done: self._user_answer(done, group, key, head))
         if method == "PUT":
@@ -350,14 +365,19 @@ class Front:
 
     def _user_answer(self, done, group, key, head):
         try:
-            value, _expiry = done.result()
+            value, expiry = done.result()
         except Exception as exc:
             status = load_status(exc)
             if status is None:
                 raise
             return error(status, f"{group}/{key[:100]} not found"
                          if isinstance(exc, NotFound) else str(exc))
-        return render(200, value, content_type=OCTETS, head=head)
+        return self._value_answer(group, value, expiry, head)
+
+    def _value_answer(self, group, value, expiry, head):
+        """200 with the value; marked stale (X-Cache, Age) if past its expiry."""
+        return render(200, value, content_type=OCTETS, head=head,
+                      headers=stale_headers(self.node.groups[group].ttl, expiry))
 
     # -- batches: POST /cache/<group>?op=get|set|delete (batch.py) ----------------------------
 
@@ -405,7 +425,7 @@ class Front:
         node = self.node
         values, pending = {}, {}
         for key in keys:
-            hit = node.peek(group, key)
+            hit = node.peek(group, key) or node.peek_stale(group, key)
             if hit is not None:
                 values[key] = hit[0]
             else:
@@ -486,7 +506,7 @@ class Front:
         node = self.node
         if method == "GET":
             node.store.count(group, SERVER_REQUESTS)
-            hit = node.peek(group, key)
+            hit = node.peek(group, key) or node.peek_stale(group, key, from_peer=True)
             if hit is not None:
                 return render(200, encode_get_response(hit[0], hit[1]), content_type=PROTOBUF)
             return then(node.get_future(group, key, from_peer=True),

@@ -32,9 +32,10 @@ log = logging.getLogger("shmcache")
 
 # Per group. groupcache's Stats, plus what a shared-memory cache adds.
 KINDS = ("hits", "misses", "hot_hits", "loads", "loads_deduped", "local_loads",
-         "local_load_errors", "peer_loads", "peer_errors", "server_requests")
+         "local_load_errors", "peer_loads", "peer_errors", "server_requests",
+         "stale_hits", "refresh_errors")
 HITS, MISSES, HOT_HITS, LOADS, LOADS_DEDUPED, LOCAL_LOADS, LOCAL_LOAD_ERRORS, \
-    PEER_LOADS, PEER_ERRORS, SERVER_REQUESTS = range(len(KINDS))
+    PEER_LOADS, PEER_ERRORS, SERVER_REQUESTS, STALE_HITS, REFRESH_ERRORS = range(len(KINDS))
 PER_GROUP = 16                       # counters reserved per group in a slot
 FLUSH_INTERVAL = 1.0                 # seconds
 _HEADER = struct.Struct("IId")
@@ -250,6 +251,11 @@ GROUP_METRICS = (
      "Fetches from an owner that failed (then loaded here)."),
     ("server_requests", "kcache_server_requests_total", "counter",
      "Gets that came from peers over the peer route."),
+    ("stale_hits", "kcache_stale_hits_total", "counter",
+     "Gets answered with a value past its ttl, within the group's stale window, while it "
+     "was reloaded in the background (counted among the hits)."),
+    ("refresh_errors", "kcache_refresh_errors_total", "counter",
+     "Background reloads of stale values that failed (the stale value is served on)."),
     ("evictions", "kcache_evictions_total", "counter", "Entries evicted for room."),
     ("expirations", "kcache_expirations_total", "counter", "Entries dropped after their TTL."),
     ("sets", "kcache_sets_total", "counter", "Values stored."),

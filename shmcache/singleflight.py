@@ -127,6 +127,14 @@ class HostFlights:
                 return loader()
         return loader()
 
+    def load_unless_loading(self, gid, key, loader):
+        """``load``, for a caller that need not wait for the value (a background refresh):
+        if a load of ``key`` is in flight on the host already, leave it to that one and
+        return None. (A load claimed just after the look is joined, as ``load`` joins.)"""
+        if self.waiting(gid, key) is not None:
+            return None
+        return self.load(gid, key, loader)
+
     async def aload(self, gid, key, loader):
         """``load`` for a coroutine: ``await loader()`` loads, and waiting for another
         process's load polls on the running loop (asyncio.sleep), never blocking it. The

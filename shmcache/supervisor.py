@@ -413,7 +413,7 @@ class Supervisor:
     def define_groups(self):
         store = self.store
         for group in self.groups:
-            store.define_group(group.name, group.cache_bytes, group.ttl)
+            store.define_group(group.name, group.cache_bytes, group.ttl, group.stale)
         served = {group.name for group in self.groups}
         for name, info in store.stats()["groups"].items():
             if name not in served and info["cache_bytes"]:

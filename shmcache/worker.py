@@ -24,6 +24,7 @@ from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER
                       PEER_LOADS, host_stats, processes)
 from .peers import PeerError
 from .singleflight import Flights, HostFlights
+from .stale import Refreshes, is_stale, refresh, stale_hit
 from .store import Store
 
 log = logging.getLogger("shmcache")
@@ -74,6 +75,7 @@ class Node:
         self.hot_fraction = hot_fraction
         self.flights = Flights()
         self.host_flights = HostFlights(store, load_timeout)
+        self.refreshes = Refreshes(pool.submit)
 
     @property
     def clustered(self):
@@ -87,6 +89,29 @@ class Node:
     def peek(self, group, key):
         """(value, expiry, is_hot_copy) from shared memory, or None; never blocks."""
         return self.store.get_with_expiry(group, key)
+
+    def peek_stale(self, group, key, from_peer=False):
+        """After ``peek`` missed: (value, expiry, is_hot_copy) of an entry past its ttl but
+        within its group's stale window, and a refresh of it started in the background; or
+        None. Never blocks (stale.py)."""
+        found = stale_hit(self.store, group, key)
+        if found is not None:
+            self.refreshes.start((group, key, from_peer),
+                                 lambda: refresh(self.store, self.groups[group], key,
+                                                 lambda: self._refresh(group, key, from_peer)))
+        return found
+
+    def _refresh(self, group, key, from_peer):
+        """Reload a stale entry as a miss would load it (steps 2 and 3 of the Get path),
+        except that nobody waits: an owner's fresh answer replaces the stale copy here, and
+        a load already in flight on this host is left to finish on its own."""
+        if self.store.recheck(group, key) is not None:
+            return                                          # refreshed meanwhile
+        if not from_peer:
+            owner = self.peers.owner_of(key)
+            if owner is not None and self._fetch_from_owner(owner, group, key, keep=True):
+                return
+        self._load_locally(group, key, wait=False)
 
     def get_future(self, group, key, from_peer=False):
         """Future of (value, expiry) for a missed key: one per key per process at a time."""
@@ -110,9 +135,11 @@ class Node:
         ttl = self.groups[group].ttl            # about when the value stored here expires
         return value, (time.time() + ttl if ttl else None)
 
-    def _fetch_from_owner(self, owner, group, key):
+    def _fetch_from_owner(self, owner, group, key, keep=False):
         """(value, expiry) from the owner; None to load locally instead (groupcache's
-        fallback) when the owner cannot be reached or fails. NotFound passes through."""
+        fallback) when the owner cannot be reached or fails. NotFound passes through.
+        A fresh value is kept as a hot copy at random (hot_fraction), always if ``keep``;
+        a stale one (the owner serves it while it refreshes) never is."""
         version = self.store.version(group, key)
         try:
             value, expiry = owner.fetch(group, key)
@@ -130,15 +157,18 @@ class Node:
             raise
         self.store.count(group, PEER_LOADS)
         self.peers.health.succeeded(owner.url)
-        if self.hot_fraction and random.random() < self.hot_fraction:
+        if (keep or self.hot_fraction and random.random() < self.hot_fraction) \
+                and not is_stale(expiry):
             try:
                 self.store.set_hot(group, key, value, expiry, version)
             except ValueTooLarge:
                 pass
         return value, expiry
 
-    def _load_locally(self, group, key):
-        """Host-wide singleflight: the getter runs once on this host however many ask."""
+    def _load_locally(self, group, key, wait=True):
+        """Host-wide singleflight: the getter runs once on this host however many ask.
+        ``wait=False``: if a load of the key is in flight on the host, leave it to that one
+        (None)."""
         target = self.groups[group]
         gid = self.store.group_id(group)
 
@@ -157,7 +187,8 @@ class Node:
             except ValueTooLarge as exc:
                 log.info("not caching %s/%s: %s", group, key, exc)
             return value
-        return self.host_flights.load(gid, encode_key(key), load_and_store)
+        load = self.host_flights.load if wait else self.host_flights.load_unless_loading
+        return load(gid, encode_key(key), load_and_store)
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -268,6 +299,7 @@ class Node:
         stats["clients"] = clients
         stats["worker_pid"] = os.getpid()
         stats["loads_in_flight"] = len(self.flights)
+        stats["refreshes_in_flight"] = len(self.refreshes)
         stats["self"] = self.peers.self_url
         stats["peers"] = self.peers.stats()
         return stats
@@ -367,8 +399,8 @@ class Worker:
         if self.app_factory is not None:   # per-process resources, made after fork
             from .group import check_groups
             groups = check_groups(list(self.app_factory()), "--app")
-            wanted = {(g.name, g.cache_bytes, g.ttl) for g in self.groups}
-            if {(g.name, g.cache_bytes, g.ttl) for g in groups} != wanted:
+            wanted = {(g.name, g.cache_bytes, g.ttl, g.stale) for g in self.groups}
+            if {(g.name, g.cache_bytes, g.ttl, g.stale) for g in groups} != wanted:
                 raise RuntimeError("--app returned different groups in the worker than in "
                                    "the supervisor")
         config = self.config
