@@ -7,6 +7,12 @@ that keys starting with "slow" take). Key prefixes choose behaviour:
     slow*      sleeps KCACHE_TEST_DELAY     die*    the first call SIGKILLs its own process
     str*       returns str                  int*    returns an int (a bad getter)
     gate*      waits until KCACHE_TEST_DIR holds open-<key> (at most GATE_TIMEOUT seconds)
+
+The groups "stale" and "stale_brief" (short ttls, a stale window) load with ``load_switchable``,
+which markers in KCACHE_TEST_DIR steer per key (``switch(directory, key, ...)``): while
+hold-<key> exists a load waits (at most GATE_TIMEOUT seconds); with failing-<key> it fails,
+with gone-<key> it says "no such key"; it returns "<key>@<generation>", the generation being
+the content of generation-<key> (default 1).
 """
 
 import os
@@ -38,6 +44,41 @@ def wait_for_gate(key):
         time.sleep(0.01)
 
 
+def _marker(directory, kind, key):
+    return os.path.join(directory, f"{kind}-" + key.replace("/", "_"))
+
+
+def switch(directory, key, hold=None, failing=None, gone=None, generation=None):
+    """Set (True) or clear (False) the markers steering ``load_switchable`` for ``key``;
+    None leaves one as it is."""
+    for kind, wanted in (("hold", hold), ("failing", failing), ("gone", gone)):
+        path = _marker(directory, kind, key)
+        if wanted:
+            open(path, "w").close()
+        elif wanted is not None and os.path.exists(path):
+            os.unlink(path)
+    if generation is not None:
+        with open(_marker(directory, "generation", key), "w") as marker:
+            marker.write(str(generation))
+
+
+def load_switchable(key):
+    record(key)
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while os.path.exists(_marker(DIRECTORY, "hold", key)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if os.path.exists(_marker(DIRECTORY, "failing", key)):
+        raise RuntimeError(f"cannot load {key}")
+    if os.path.exists(_marker(DIRECTORY, "gone", key)):
+        raise KeyError(key)
+    try:
+        with open(_marker(DIRECTORY, "generation", key)) as marker:
+            generation = marker.read().strip()
+    except FileNotFoundError:
+        generation = "1"
+    return f"{key}@{generation}".encode()
+
+
 def load(key):
     record(key)
     if "slow" in key:
@@ -66,6 +107,8 @@ def load(key):
 groups = [
     Group("test", 4 << 20, load),
     Group("brief", 4 << 20, load, ttl=0.5),
+    Group("stale", 4 << 20, load_switchable, ttl=0.5, stale=600),
+    Group("stale_brief", 4 << 20, load_switchable, ttl=0.3, stale=3),
 ]
 
 
