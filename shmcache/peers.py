@@ -87,15 +87,23 @@ class PeerClient:
 
     def fetch(self, group, key):
         """(value, expiry) from the owner; its GetResponse decoded."""
-        from .http_front import decode_get_response
         status, body = self.request("GET", self.path(group, key))
+        if status == 404:
+            raise NotFound(body.decode(errors="replace").strip() or f"{group}/{key} not found")
+        return self._value(status, body)
+
+    def peek(self, group, key):
+        """(value, expiry) the peer holds in memory, or None: it neither loads nor forwards."""
+        status, body = self.request("GET", self.path(group, key) + "?peek=1")
+        return None if status == 404 else self._value(status, body)
+
+    def _value(self, status, body):
+        from .http_front import decode_get_response
         if status == 200:
             try:
                 return decode_get_response(body)
             except ValueError as exc:
                 raise PeerError(f"{self.url} sent a bad GetResponse: {exc}") from None
-        if status == 404:
-            raise NotFound(body.decode(errors="replace").strip() or f"{group}/{key} not found")
         raise PeerError(f"{self.url} answered {status}: {body[:200].decode(errors='replace').strip()}")
 
     def store(self, group, key, value, expire_at=None):
@@ -238,51 +246,96 @@ class PeerHealth:
         return struct.unpack_from("I", self.buf, offset + 16)[0] if offset is not None else 0
 
 
+class _View:
+    """One peer set as a worker uses it; replaced whole, so a reader sees old or new."""
+    __slots__ = ("self_url", "ring", "clients", "previous", "previous_until")
+
+    def __init__(self, self_url, ring, clients, previous, previous_until):
+        self.self_url, self.ring, self.clients = self_url, ring, clients
+        self.previous, self.previous_until = previous, previous_until
+
+
 class Peers:
     """The peer picker: ``owner_of(key)`` is the PeerClient of the owner, or None when this
-    host owns the key or its owner is suspect (then we load locally)."""
+    host owns the key or its owner is suspect (then we load locally). For a while after the
+    peer set changed, ``previous_owner_of(key)`` names the owner by the ring before."""
 
     def __init__(self, self_url, urls, store, base_path="/_kcache/", connect_timeout=0.5,
-                 read_timeout=10.0, token=None):
-        self.self_url = normalize_url(self_url)
+                 read_timeout=10.0, token=None, previous=(), previous_until=0.0):
         self.options = dict(base_path=base_path, connect_timeout=connect_timeout,
                             read_timeout=read_timeout, token=token)
         self.health = PeerHealth(store)
-        self.ring = None
-        self.clients = {}
-        self.update(urls)
+        self._view = None
+        self.update(urls, self_url, previous, previous_until)
 
-    def update(self, urls):
-        """Use a new peer list (this host is always in it)."""
-        urls = {normalize_url(url) for url in urls} | {self.self_url}
-        ring = Ring(urls)
-        clients = {url: self.clients.get(url) or PeerClient(url, **self.options)
-                   for url in ring.peers if url != self.self_url}
-        for url, client in self.clients.items():
+    @property
+    def self_url(self):
+        return self._view.self_url
+
+    @property
+    def ring(self):
+        return self._view.ring
+
+    @property
+    def clients(self):
+        return self._view.clients
+
+    def update(self, urls, self_url=None, previous=(), previous_until=0.0):
+        """Use a new peer list (this host is always in it), and the ring of ``previous``
+        for peeks until the Unix time ``previous_until``."""
+        old = self._view
+        self_url = normalize_url(self_url) if self_url else old.self_url
+        urls = {normalize_url(url) for url in urls} | {self_url}
+        ring = old.ring if old and set(old.ring.peers) == urls else Ring(urls)
+        previous = {normalize_url(url) for url in previous}
+        if not previous or previous_until <= time.time():
+            previous_ring = None
+        elif old and old.previous and set(old.previous.peers) == previous:
+            previous_ring = old.previous
+        else:
+            previous_ring = ring if previous == urls else Ring(previous)
+        kept = old.clients if old else {}
+        clients = {url: kept.get(url) or PeerClient(url, **self.options)
+                   for url in ring.peers if url != self_url}
+        self._view = _View(self_url, ring, clients, previous_ring, previous_until)
+        for url, client in kept.items():
             if url not in clients:
                 client.close()
-        self.ring, self.clients = ring, clients       # one assignment each: readers see old or new
 
     def owner_of(self, key):
-        owner = self.ring.owner_of(key)
-        if owner == self.self_url:
+        view = self._view
+        owner = view.ring.owner_of(key)
+        if owner == view.self_url or self.health.is_suspect(owner):
             return None
-        if self.health.is_suspect(owner):
-            return None
-        return self.clients[owner]
+        return view.clients[owner]
 
     def owner_url(self, key):
-        return self.ring.owner_of(key)
+        return self._view.ring.owner_of(key)
+
+    def previous_owner_of(self, key):
+        """The PeerClient to peek for ``key`` before loading it here: its owner by the
+        previous ring, when this host owns it now and that owner is another peer still in
+        the set and not suspect. None otherwise, and once the previous ring has expired."""
+        view = self._view
+        if view.previous is None or view.previous_until <= time.time():
+            return None
+        if view.ring.owner_of(key) != view.self_url:
+            return None
+        before = view.previous.owner_of(key)
+        client = view.clients.get(before)
+        if client is None or self.health.is_suspect(before):
+            return None
+        return client
 
     def others(self):
-        return list(self.clients.values())
+        return list(self._view.clients.values())
 
     def stats(self):
         now = time.time()
         return {url: {"suspect": self.health.suspect_until(url) > now,
                       "failures": self.health.failures(url)}
-                for url in self.clients}
+                for url in self._view.clients}
 
     def close(self):
-        for client in self.clients.values():
+        for client in self._view.clients.values():
             client.close()

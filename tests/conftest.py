@@ -144,8 +144,9 @@ def http_request(port, method, path, body=None, headers=None, timeout=30, host="
 class Supervised:
     """A real supervisor subprocess (``python -m shmcache.supervisor``) on a free port."""
 
-    def __init__(self, tmp_path, args=(), env=None, port=None, name=None):
+    def __init__(self, tmp_path, args=(), env=None, port=None, name=None, host="127.0.0.1"):
         self.port = port or free_port()
+        self.host = host                     # the address requests go to (its --host)
         self.name = name or f"{SEGMENT_PREFIX}{uuid.uuid4().hex[:8]}"
         self.dir = tmp_path
         self.extra_args, self.extra_env = list(args), env
@@ -154,11 +155,13 @@ class Supervised:
         self.env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests"),
                     "KCACHE_TEST_DIR": str(tmp_path), **(env or {})}
         self.proc = None
-        self.log_path = tmp_path / f"supervisor-{self.port}.log"
+        self.log_path = tmp_path / (f"supervisor-{self.port}.log" if host == "127.0.0.1"
+                                    else f"supervisor-{host}-{self.port}.log")
 
     def clone(self):
         """A new, unstarted supervisor with the same options, port and segment name."""
-        twin = Supervised(self.dir, self.extra_args, self.extra_env, port=self.port, name=self.name)
+        twin = Supervised(self.dir, self.extra_args, self.extra_env, port=self.port, name=self.name,
+                          host=self.host)
         twin.url = getattr(self, "url", None)
         return twin
 
@@ -177,7 +180,7 @@ class Supervised:
             if self.proc.poll() is not None:
                 raise AssertionError(f"supervisor exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if http_request(self.port, "GET", "/healthz", timeout=5)[0] == 200:
+                if http_request(self.port, "GET", "/healthz", timeout=5, host=self.host)[0] == 200:
                     return
             except OSError:
                 pass
@@ -191,7 +194,7 @@ class Supervised:
             return ""
 
     def request(self, method, path, body=None, headers=None, timeout=30):
-        return http_request(self.port, method, path, body, headers, timeout)
+        return http_request(self.port, method, path, body, headers, timeout, self.host)
 
     def get(self, group, key, timeout=30):
         from urllib.parse import quote
