@@ -380,7 +380,8 @@ class Worker:
             peers = Peers(config.self_url, load_peer_list(config.peers, config.peers_file),
                           store, base_path=config.base_path,
                           connect_timeout=config.peer_connect_timeout,
-                          read_timeout=config.peer_timeout, token=config.token)
+                          read_timeout=config.peer_timeout, token=config.token,
+                          tls_ca=config.tls_ca)
         node = self.node = Node(store, groups, pool, peers=peers, load_timeout=config.load_timeout,
                                 hot_fraction=config.hot_fraction)
         front = Front(node, base_path=config.base_path, token=config.token,
@@ -390,7 +391,11 @@ class Worker:
                         header_timeout=config.request_timeout,
                         idle_timeout=config.keepalive_timeout)
         handle = access_logged(front.handle) if config.access_log else front.handle
-        self.server = HttpServer(self.listener, handle, limits)
+        tls = None
+        if config.tls_cert:                # a context of its own, made after fork
+            from .tls import server_context
+            tls = server_context(config.tls_cert, config.tls_key)
+        self.server = HttpServer(self.listener, handle, limits, tls=tls)
         log.info("worker %d (pid %d) serving", self.index, os.getpid())
 
     def install_signal_handlers(self):
