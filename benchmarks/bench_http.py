@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 import uuid
-import http.client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -75,9 +74,10 @@ http {{
     return proc, port, None
 
 
-def run_wrk(url, seconds, connections):
-    output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-                            capture_output=True, text=True, check=True).stdout
+def run_wrk(url, seconds, connections, headers=()):
+    extra = [arg for header in headers for arg in ("-H", header)]
+    output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
+                             *extra, url], capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     p50 = re.search(r"50%\s+([\d.]+)(\w+)", output)
     p99 = re.search(r"99%\s+([\d.]+)(\w+)", output)
@@ -90,14 +90,15 @@ def _ms(match):
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def run_python_load(url, seconds, connections):
-    """Fallback load generator: one thread per keep-alive connection."""
-    host_port, path = url[len("http://"):].split("/", 1)
+def run_python_load(url, seconds, connections, context=None):
+    """Fallback load generator: one thread per keep-alive connection (an https:// URL is
+    reached with the SSLContext ``context``)."""
+    host_port, path = url.split("://", 1)[1].split("/", 1)
     host, port = host_port.split(":")
     counts, latencies, stop = [0] * connections, [], time.monotonic() + seconds
 
     def one(index):
-        connection = http.client.HTTPConnection(host, int(port))
+        connection = harness.connect_http(host, int(port), context=context)
         while time.monotonic() < stop:
             begin = time.perf_counter()
             connection.request("GET", "/" + path)
