@@ -134,16 +134,23 @@ def cold_path(name, count=2000):
         sorted(through)[int(count * 0.99)] * 1e6
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_options(doc):
+    """The options of a benchmark under load (--seconds, --connections, --workers) and
+    whether wrk generates it (else Python threads, which says so)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
     use_wrk = shutil.which("wrk") is not None
-    load_generator = run_wrk if use_wrk else run_python_load
     if not use_wrk:
         print("# wrk is not installed (apt-get install wrk): using the Python load generator")
+    return args, use_wrk
+
+
+def main():
+    args, use_wrk = load_options(__doc__)
+    load_generator = run_wrk if use_wrk else run_python_load
     tmp = tempfile.mkdtemp(prefix="kcache-bench-")
     supervisor, port, name = start_supervisor(args.workers)
     nginx = None

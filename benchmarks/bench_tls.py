@@ -11,7 +11,6 @@ connect, and for HTTPS a full handshake) for every request: the price of not kee
 connections alive.
 """
 
-import argparse
 import os
 import shutil
 import signal
@@ -25,20 +24,12 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 import harness  # noqa: E402
 from bench_app import VALUE_SIZE  # noqa: E402
-from bench_http import run_python_load, run_wrk  # noqa: E402
+from bench_http import load_options, run_python_load, run_wrk  # noqa: E402
 from tlscerts import make_ca, make_server_cert  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=4)
-    args = parser.parse_args()
-    use_wrk = shutil.which("wrk") is not None
-    if not use_wrk:
-        print("# wrk is not installed (apt-get install wrk): using the Python load generator, "
-              "keep-alive only")
+    args, use_wrk = load_options(__doc__)          # without wrk: keep-alive only
     tmp = tempfile.mkdtemp(prefix="kcache-bench-tls-")
     ca = make_ca(tmp)
     cert, key = make_server_cert(tmp, ca)
