@@ -321,8 +321,17 @@ class HttpServer:
         return data
 
     def _output(self, connection, data):
-        """Queue ``data`` (plaintext) for sending, encrypted on a TLS connection."""
-        connection.outbuf += data if connection.tls is None else connection.tls.encrypt(data)
+        """Queue ``data`` (plaintext) for sending, encrypted on a TLS connection (one whose
+        session refuses to encrypt is closed)."""
+        if connection.tls is None:
+            connection.outbuf += data
+            return
+        try:
+            connection.outbuf += connection.tls.encrypt(data)
+        except ssl.SSLError as exc:
+            log.debug("TLS connection from %s closed: %s", connection.peer, exc)
+            connection.closing = True
+            self._close(connection)
 
     def _process(self, connection):
         """Answer every complete request in the buffer, in order, until one needs a Future."""
@@ -383,6 +392,8 @@ class HttpServer:
         self._flush(connection)
 
     def _flush(self, connection):
+        if self.connections.get(connection.fd) is not connection:
+            return                               # closed meanwhile
         out = connection.outbuf
         while out:
             try:

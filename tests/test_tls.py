@@ -127,6 +127,11 @@ def test_clients_that_do_not_speak_tls_do_not_disturb_the_server(supervised, pki
     untrusting = ssl.create_default_context(cafile=pki.other_ca[0])
     with pytest.raises(ssl.SSLCertVerificationError):
         http_request(host.port, "GET", "/healthz", tls=(untrusting, "127.0.0.1"))
+    # Records that do not decrypt, after a good handshake: closed.
+    with socket.create_connection(("127.0.0.1", host.port), timeout=10) as raw:
+        _handshake(raw, pki)
+        raw.sendall(b"\x17\x03\x03\x00\x20" + bytes(range(32)))
+        assert b"HTTP" not in _read_until_closed(raw)
     # A client that connects and never says anything is closed within the request timeout.
     silent = socket.create_connection(("127.0.0.1", host.port), timeout=10)
     started = time.monotonic()
@@ -150,22 +155,8 @@ def test_clients_that_do_not_speak_tls_do_not_disturb_the_server(supervised, pki
 def test_a_handshake_that_arrives_a_byte_at_a_time_completes(supervised, pki):
     """Every step of the server's handshake finds only part of what it wants to read."""
     host = supervised(APP + pki.args(), tls=pki.client())
-    context = pki.client()[0]
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
     with socket.create_connection(("127.0.0.1", host.port), timeout=10) as raw:
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                pass
-            for byte in outgoing.read():
-                raw.sendall(bytes([byte]))
-                time.sleep(0.001)
-            incoming.write(raw.recv(65536))
-        for byte in outgoing.read():                       # the client's Finished, dribbled
-            raw.sendall(bytes([byte]))
+        tls, incoming, outgoing = _handshake(raw, pki, dribble=True)
         tls.write(b"GET /cache/test/dribbled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         request = outgoing.read()
         for index in range(0, len(request), 7):
@@ -180,6 +171,33 @@ def test_a_handshake_that_arrives_a_byte_at_a_time_completes(supervised, pki):
             except ssl.SSLWantReadError:
                 pass
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def _handshake(raw, pki, dribble=False):
+    """(SSLObject, incoming, outgoing) of a TLS session made over the socket ``raw``, the
+    client's messages sent a byte at a time if ``dribble``."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = pki.client()[0].wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    while True:
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        else:
+            break
+        _send(raw, outgoing.read(), dribble)
+        incoming.write(raw.recv(65536))
+    _send(raw, outgoing.read(), dribble)                  # the client's Finished
+    return tls, incoming, outgoing
+
+
+def _send(raw, data, dribble):
+    if not dribble:
+        raw.sendall(data)
+        return
+    for byte in data:
+        raw.sendall(bytes([byte]))
+        time.sleep(0.001)
 
 
 def _client_hello(pki):
