@@ -78,13 +78,13 @@ class PeerClient:
     failure (refused, reset, timed out); NotFound on 404; PeerError on other statuses."""
 
     def __init__(self, url, base_path="/_kcache/", connect_timeout=0.5, read_timeout=10.0,
-                 token=None, tls_ca=None):
+                 token=None, tls_ca=None, tls_context=None):
         self.url = url
         parts = urlsplit(url)
         self.tls = parts.scheme == "https"
         self.host, self.port = parts.hostname, parts.port or (443 if self.tls else 80)
         self.tls_ca = tls_ca
-        self._context = client_context(tls_ca) if self.tls else None
+        self._context = (tls_context or client_context(tls_ca)) if self.tls else None
         self.base_path = "/" + base_path.strip("/") + "/"
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -275,6 +275,10 @@ class Peers:
         self.options = dict(base_path=base_path, connect_timeout=connect_timeout,
                             read_timeout=read_timeout, token=token, tls_ca=tls_ca)
         self.health = PeerHealth(store)
+        # One context for every https:// peer, its CA file read once, at boot: a reload
+        # of the peer list does not depend on it again.
+        if tls_ca or any(urlsplit(url).scheme == "https" for url in urls):
+            self.options["tls_context"] = client_context(tls_ca)
         self.ring = None
         self.clients = {}
         self.update(urls)
