@@ -316,3 +316,19 @@ def test_stats_reads_a_tls_front(dns_named, pki):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert f"segment {dns_named.name}" in result.stdout
+
+
+def test_a_client_follows_its_front_to_tls_across_a_warm_restart(supervised, pki):
+    plain = supervised(APP + ["--warm-restart"])
+    with shmcache.connect(name=plain.name) as cache:
+        assert cache.get("test", "before") == b"value-of-before"
+        assert plain.stop() == 0
+        secure = supervised(APP + ["--warm-restart", *pki.args()], port=plain.port,
+                            name=plain.name, tls=pki.client())
+        assert "warm start" in secure.log()
+        deadline = time.monotonic() + 10
+        while not cache._front_address().tls and time.monotonic() < deadline:
+            time.sleep(0.05)                     # the client's next segment check sees it
+        assert cache.get("test", "before") == b"value-of-before"      # kept
+        assert cache.get("test", "after") == b"value-of-after"        # loaded over HTTPS
+    assert sorted(k for _p, _h, k in secure.calls_with_hosts()) == ["after", "before"]
