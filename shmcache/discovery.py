@@ -123,7 +123,7 @@ def _canonical(address):
 class PeerSource:
     """The supervisor's peer set: ``refresh()`` polls the file and resolves the name.
 
-    ``scheme`` is the scheme of discovered peers' URLs (``config.peer_scheme``)."""
+    ``scheme`` is the scheme of discovered peers' URLs (``config.scheme``)."""
 
     def __init__(self, config):
         self.config = config
@@ -175,7 +175,7 @@ class PeerSource:
             self._trouble("dns", f"cannot resolve {name} ({exc}): keeping the last "
                                  f"{len(self._dns_urls)} peers it gave")
             return
-        scheme = self.config.peer_scheme
+        scheme = self.config.scheme
         self._dns_urls = {peer_url(scheme, address, port) for address in addresses}
         self._dns_self = next((peer_url(scheme, address, port) for address in addresses
                                if port == self.config.port and _canonical(address) in self.local),

@@ -23,6 +23,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .arena import (_OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, _OFFSET_PEER_COUNT,
                     DEFAULT_MAX_GROUPS, OWNER_LOCK_BYTE, retire)
@@ -32,6 +33,7 @@ from .group import AppError, check_groups, demo_groups, load_app, origin_group, 
 from .locks import LockFile
 from .peers import load_peer_list, normalize_url
 from .store import Store
+from .tls import TlsFilesError, client_context, server_context
 from .units import format_size, parse_size
 from .worker import WORKER_BOOT_ERROR, Worker
 
@@ -74,6 +76,9 @@ class Config:
     keepalive_timeout: float = 75.0
     peers_dns: str = None
     peers_refresh: float = 5.0
+    tls_cert: str = None           # with tls_key: the front speaks HTTPS
+    tls_key: str = None
+    tls_ca: str = None             # verifies https:// peers (None: the system's CA store)
 
     def __post_init__(self):
         if self.name is None:
@@ -81,12 +86,13 @@ class Config:
         self.self_explicit = self.self_url is not None
         if self.self_url is None:
             host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-            self.self_url = f"{self.peer_scheme}://{host}:{self.port}"
+            self.self_url = f"{self.scheme}://{host}:{self.port}"
 
     @property
-    def peer_scheme(self):
-        """The scheme of this host's URL and of the peers discovered by name."""
-        return "http"
+    def scheme(self):
+        """What the front speaks, and so the scheme of this host's URL and of the peers
+        discovered by name."""
+        return "https" if self.tls_cert else "http"
 
     @property
     def clustered(self):
@@ -148,6 +154,12 @@ def parse_args(argv=None):
         help="seconds a client may take to send a request's headers (default 10)")
     add("--keepalive-timeout", type=float, default=75.0,
         help="seconds an idle keep-alive connection is kept (default 75)")
+    add("--tls-cert", metavar="FILE",
+        help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    add("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    add("--tls-ca", metavar="FILE",
+        help="PEM CA bundle that https:// peers' certificates are verified against (default: "
+             "the system's CA store); connect() clients use it too, unless told otherwise")
     args = parser.parse_args(argv)
     try:
         memory, max_item = parse_size(args.memory), parse_size(args.max_item_size)
@@ -174,6 +186,7 @@ def parse_args(argv=None):
               "unless --warm-restart is given", file=sys.stderr)
     if not args.peers_refresh > 0:
         parser.error("--peers-refresh must be a positive number of seconds")
+    tls_ca = check_tls(parser, args)
     static = tuple(part for part in args.peers.split(",") if part.strip())
     try:
         load_peer_list(static, args.peers_file)
@@ -189,7 +202,28 @@ def parse_args(argv=None):
                   args.peers_file, args.self_url and normalize_url(args.self_url),
                   args.hot_fraction, args.peer_timeout, args.peer_connect_timeout, args.token,
                   args.token_reads, args.max_key_bytes, args.access_log, args.request_timeout,
-                  args.keepalive_timeout, args.peers_dns, args.peers_refresh)
+                  args.keepalive_timeout, args.peers_dns, args.peers_refresh,
+                  tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=tls_ca)
+
+
+def check_tls(parser, args):
+    """Exit 2 (a usage error) unless the TLS options go together and their files load, and
+    --self has the scheme the front speaks. The CA file's absolute path: connect() clients
+    of the segment read it from wherever they run."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together: give both, or neither")
+    try:
+        if args.tls_cert:
+            server_context(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            client_context(args.tls_ca)
+    except TlsFilesError as exc:
+        parser.error(str(exc))
+    scheme = "https" if args.tls_cert else "http"
+    if args.self_url and not args.self_url.strip().startswith(f"{scheme}://"):
+        parser.error(f"--self must be an {scheme}:// URL: this host's front speaks "
+                     f"{'HTTPS (--tls-cert)' if args.tls_cert else 'plain HTTP (no --tls-cert)'}")
+    return os.path.abspath(args.tls_ca) if args.tls_ca else None
 
 
 class Supervisor:
@@ -233,9 +267,9 @@ class Supervisor:
             log.error("cannot start: %s", exc)
             self.close()
             return EXIT_RESOURCE
-        log.info("listening on http://%s:%d with %d workers (segment %s, pid %d)",
-                 self.config.host, self.config.port, self.config.workers, self.config.name,
-                 os.getpid())
+        config = self.config
+        log.info("listening on %s://%s:%d with %d workers (segment %s, pid %d)", config.scheme,
+                 config.host, config.port, config.workers, config.name, os.getpid())
         try:
             self.dispatch_signals()
             if not self.stopping:
@@ -403,7 +437,7 @@ class Supervisor:
         arena.set_u32(_OFFSET_CLEAN, 0)
         arena.set_u32(_OFFSET_OWNER_PID, os.getpid())
         struct.pack_into("d", arena.buf, _OFFSET_OWNER_START, time.time())
-        arena.set_front(config.host, config.port)
+        arena.set_front(config.host, config.port, **front_tls(config))
         arena.set_u32(_OFFSET_PEER_COUNT, len(self.peer_view.peers) if self.peer_view else 1)
         self.define_groups()
 
@@ -572,6 +606,15 @@ class Supervisor:
         if self.peer_board is not None:
             self.peer_board.close()
             self.peer_board = None
+
+
+def front_tls(config):
+    """How connect() clients verify this host's front: for the host name of --self (what
+    peers verify it for too), against --tls-ca or the system's store."""
+    if not config.tls_cert:
+        return {}
+    return {"tls": True, "tls_name": urlsplit(config.self_url).hostname,
+            "tls_ca": config.tls_ca or ""}
 
 
 def _same_file(arena):

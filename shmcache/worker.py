@@ -416,7 +416,8 @@ class Worker:
             peers = Peers(view.self_url, view.peers, store, base_path=config.base_path,
                           connect_timeout=config.peer_connect_timeout,
                           read_timeout=config.peer_timeout, token=config.token,
-                          previous=view.previous, previous_until=view.previous_until)
+                          tls_ca=config.tls_ca, previous=view.previous,
+                          previous_until=view.previous_until)
             log.debug("worker %d: %d peers", self.index, len(peers.ring))
         node = self.node = Node(store, groups, pool, peers=peers, load_timeout=config.load_timeout,
                                 hot_fraction=config.hot_fraction)
@@ -427,7 +428,11 @@ class Worker:
                         header_timeout=config.request_timeout,
                         idle_timeout=config.keepalive_timeout)
         handle = access_logged(front.handle) if config.access_log else front.handle
-        self.server = HttpServer(self.listener, handle, limits)
+        tls = None
+        if config.tls_cert:                # a context of its own, made after fork
+            from .tls import server_context
+            tls = server_context(config.tls_cert, config.tls_key)
+        self.server = HttpServer(self.listener, handle, limits, tls=tls)
         log.info("worker %d (pid %d) serving", self.index, os.getpid())
 
     def install_signal_handlers(self):
