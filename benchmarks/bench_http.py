@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 import uuid
-import http.client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -75,9 +74,10 @@ http {{
     return proc, port, None
 
 
-def run_wrk(url, seconds, connections):
-    output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-                            capture_output=True, text=True, check=True).stdout
+def run_wrk(url, seconds, connections, headers=()):
+    extra = [arg for header in headers for arg in ("-H", header)]
+    output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
+                             *extra, url], capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
     p50 = re.search(r"50%\s+([\d.]+)(\w+)", output)
     p99 = re.search(r"99%\s+([\d.]+)(\w+)", output)
@@ -90,14 +90,15 @@ def _ms(match):
     return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def run_python_load(url, seconds, connections):
-    """Fallback load generator: one thread per keep-alive connection."""
-    host_port, path = url[len("http://"):].split("/", 1)
+def run_python_load(url, seconds, connections, context=None):
+    """Fallback load generator: one thread per keep-alive connection (an https:// URL is
+    reached with the SSLContext ``context``)."""
+    host_port, path = url.split("://", 1)[1].split("/", 1)
     host, port = host_port.split(":")
     counts, latencies, stop = [0] * connections, [], time.monotonic() + seconds
 
     def one(index):
-        connection = http.client.HTTPConnection(host, int(port))
+        connection = harness.connect_http(host, int(port), context=context)
         while time.monotonic() < stop:
             begin = time.perf_counter()
             connection.request("GET", "/" + path)
@@ -133,16 +134,23 @@ def cold_path(name, count=2000):
         sorted(through)[int(count * 0.99)] * 1e6
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_options(doc):
+    """The options of a benchmark under load (--seconds, --connections, --workers) and
+    whether wrk generates it (else Python threads, which says so)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
     use_wrk = shutil.which("wrk") is not None
-    load_generator = run_wrk if use_wrk else run_python_load
     if not use_wrk:
         print("# wrk is not installed (apt-get install wrk): using the Python load generator")
+    return args, use_wrk
+
+
+def main():
+    args, use_wrk = load_options(__doc__)
+    load_generator = run_wrk if use_wrk else run_python_load
     tmp = tempfile.mkdtemp(prefix="kcache-bench-")
     supervisor, port, name = start_supervisor(args.workers)
     nginx = None

@@ -20,12 +20,13 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def wait_http(port, path="/healthz", timeout=60):
-    """Until GET ``path`` answers 200; RuntimeError after ``timeout`` seconds."""
+def wait_http(port, path="/healthz", timeout=60, context=None):
+    """Until GET ``path`` answers 200 (over HTTPS with the SSLContext ``context``);
+    RuntimeError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection = connect_http("127.0.0.1", port, timeout=2, context=context)
             connection.request("GET", path)
             if connection.getresponse().status == 200:
                 return
@@ -35,16 +36,24 @@ def wait_http(port, path="/healthz", timeout=60):
     raise RuntimeError(f"nothing answers GET {path} on port {port}")
 
 
-def start_supervisor(app, workers=4, memory="64MiB", extra=(), port=None):
+def connect_http(host, port, timeout=None, context=None):
+    """An HTTPConnection, or an HTTPSConnection with the SSLContext ``context``."""
+    if context is None:
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+    return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+
+
+def start_supervisor(app, workers=4, memory="64MiB", extra=(), port=None, context=None):
     """(process, port, segment name) of a supervisor serving ``app``; it removes its segment
-    when stopped with SIGTERM."""
+    when stopped with SIGTERM. ``context``: the SSLContext to reach it with when ``extra``
+    makes it serve HTTPS."""
     port = port or free_port()
     name = f"kcache-bench-{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shmcache.supervisor", "--workers", str(workers), "--port", str(port),
          "--name", name, "--memory", memory, "--app", app,
          "--log-level", "warning", *extra], env=ENV)
-    wait_http(port)
+    wait_http(port, context=context)
     return proc, port, name
 
 

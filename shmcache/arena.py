@@ -36,6 +36,7 @@ Header::
     64      f64   creation time (Unix seconds)
     72      u64   hash seed (random at creation)
     512...        mutable words, one 8-byte slot each (the _OFFSET_* constants below)
+    1024...       the front's TLS settings (_OFFSET_FRONT_TLS*, below; version 2 on)
 
 Mutable words that the journal protects are marked (J): change them only through it.
 """
@@ -46,6 +47,7 @@ import re
 import struct
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import (InvalidArgument, SegmentCreateError, SegmentIncompatible, SegmentInUse,
                      SegmentNotFound)
@@ -53,7 +55,7 @@ from .locks import LockFile
 from .units import format_size, parse_size
 
 MAGIC = 0x3130454843414B4B          # b"KKACHE01" read as little-endian u64
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2                   # 2: the front's TLS settings in the header
 HEADER_BYTES = 4096
 DEFAULT_SHM_DIR = "/dev/shm"
 
@@ -107,6 +109,10 @@ _OFFSET_FRONT_PORT = 600     # u32: TCP port of the owner's HTTP front (0 = none
 _OFFSET_FRONT_HOST = 608     # 64s: host it listens on (UTF-8, NUL-padded)
 _OFFSET_PEER_COUNT = 672     # u32: peers in the owner's ring (>1: writes are cluster-wide)
 _OFFSET_RETIRED = 680        # u32: 1 = its name is being removed or replaced (``retire``)
+_OFFSET_FRONT_TLS = 1024     # u32: 1 = the front speaks HTTPS (TLS)
+_OFFSET_FRONT_TLS_NAME = 1032  # 256s: the name its certificate is verified for (UTF-8, NUL-padded)
+_OFFSET_FRONT_TLS_CA = 1288  # 2048s: CA file the owner verifies peers with; empty: the system's
+_TLS_NAME_BYTES, _TLS_CA_BYTES = 256, 2048
 _OFFSET_LOCK_BYTE = 0        # lock byte ranges are lock names, not data (locks.py)
 
 # Lock bytes of the segment file (names, not data; locks.py).
@@ -129,6 +135,15 @@ def segment_path(name):
     if not isinstance(name, str) or not _NAME.fullmatch(name) or _CREATING in name:
         raise InvalidArgument(f"bad segment name {name!r}: use letters, digits, '.', '_' and '-'")
     return os.path.join(shm_dir(), name)
+
+
+class Front(NamedTuple):
+    """Where a segment's owner serves HTTP, as ``connect()`` clients reach it."""
+    host: str
+    port: int
+    tls: bool = False       # HTTPS: verify its certificate for ``tls_name`` against ``tls_ca``
+    tls_name: str = ""      # the host name of the owner's --self URL
+    tls_ca: str = ""        # the owner's --tls-ca (absolute); "" for the system's CA store
 
 
 @dataclass(frozen=True)
@@ -377,19 +392,30 @@ class Arena:
             return False
         return (st.st_dev, st.st_ino) == self.identity
 
-    def set_front(self, host, port):
-        """Record where the owner's HTTP front listens, for ``connect()`` clients."""
-        encoded = host.encode()[:64]
-        self.buf[_OFFSET_FRONT_HOST:_OFFSET_FRONT_HOST + 64] = encoded.ljust(64, b"\0")
+    def set_front(self, host, port, tls=False, tls_name="", tls_ca=""):
+        """Record where the owner's HTTP front listens, for ``connect()`` clients, and
+        whether it speaks TLS: then the name and CA file a client verifies it with
+        (ValueError if either is too long for its field). The port last: it says "a front"."""
+        name, ca = tls_name.encode(), tls_ca.encode()
+        if len(name) > _TLS_NAME_BYTES or len(ca) > _TLS_CA_BYTES:
+            raise ValueError(f"the TLS name ({len(name)} bytes, at most {_TLS_NAME_BYTES}) or "
+                             f"the CA path ({len(ca)} bytes, at most {_TLS_CA_BYTES}) is too long")
+        _put_text(self.buf, _OFFSET_FRONT_TLS_NAME, _TLS_NAME_BYTES, name)
+        _put_text(self.buf, _OFFSET_FRONT_TLS_CA, _TLS_CA_BYTES, ca)
+        _U32.pack_into(self.buf, _OFFSET_FRONT_TLS, 1 if tls else 0)
+        _put_text(self.buf, _OFFSET_FRONT_HOST, 64, host.encode()[:64])
         _U32.pack_into(self.buf, _OFFSET_FRONT_PORT, port)
 
     def front(self):
-        """(host, port) of the owner's HTTP front, or None if it has none."""
+        """The owner's ``Front``, or None if it has none."""
         port = _U32.unpack_from(self.buf, _OFFSET_FRONT_PORT)[0]
         if not port:
             return None
-        host = bytes(self.buf[_OFFSET_FRONT_HOST:_OFFSET_FRONT_HOST + 64]).rstrip(b"\0").decode()
-        return host, port
+        host = _get_text(self.buf, _OFFSET_FRONT_HOST, 64)
+        if not _U32.unpack_from(self.buf, _OFFSET_FRONT_TLS)[0]:
+            return Front(host, port)
+        return Front(host, port, True, _get_text(self.buf, _OFFSET_FRONT_TLS_NAME, _TLS_NAME_BYTES),
+                     _get_text(self.buf, _OFFSET_FRONT_TLS_CA, _TLS_CA_BYTES))
 
     def get_u32(self, offset):
         return _U32.unpack_from(self.buf, offset)[0]
@@ -402,6 +428,14 @@ class Arena:
 
     def set_u64(self, offset, value):
         _U64.pack_into(self.buf, offset, value)
+
+
+def _put_text(buf, offset, size, encoded):
+    buf[offset:offset + size] = encoded.ljust(size, b"\0")
+
+
+def _get_text(buf, offset, size):
+    return bytes(buf[offset:offset + size]).rstrip(b"\0").decode(errors="replace")
 
 
 @dataclass(frozen=True)

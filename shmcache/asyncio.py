@@ -26,6 +26,7 @@ client); on a host with peers they go through the front, which reaches every hos
 
 import asyncio
 import os
+import ssl
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -46,14 +47,17 @@ __all__ = ["AsyncClient", "connect", "create"]
 
 
 def connect(port: int | None = None, *, name: str | None = None,
-            timeout: float = DEFAULT_TIMEOUT, token: str | None = None) -> "AsyncClient":
+            timeout: float = DEFAULT_TIMEOUT, token: str | None = None,
+            tls_ca: str | None = None, tls_server_name: str | None = None) -> "AsyncClient":
     """As ``shmcache.connect``, for asyncio code: the segment of the supervisor on ``port``
     (``kcache-<port>``), or the segment ``name``. A plain function (not awaited), usable
     outside any event loop: attaching maps memory and never waits on I/O. ``timeout``: seconds
     to wait for the front's answer to one request. ``token`` (default $SHMCACHE_TOKEN) is
-    sent to the front. SegmentNotFound if there is no such segment, SegmentIncompatible if it
-    is not one this version reads."""
-    return AsyncClient(_connect(port, name=name, timeout=timeout, token=token))
+    sent to the front. A front with TLS is reached over HTTPS, verified as ``shmcache.connect``
+    says (``tls_ca``, ``tls_server_name``). SegmentNotFound if there is no such segment,
+    SegmentIncompatible if it is not one this version reads."""
+    return AsyncClient(_connect(port, name=name, timeout=timeout, token=token, tls_ca=tls_ca,
+                                tls_server_name=tls_server_name))
 
 
 def create(name: str, memory: int | str = "64MiB", **options) -> "AsyncClient":
@@ -296,7 +300,7 @@ class _LoopFront:
         self.client = owner._client          # front address and generation, timeout, token
         self.pid = os.getpid()               # a forked child starts a front of its own
         self.generation = None               # the client's front generation of address
-        self.address = None                  # (host, port) of the front connected to
+        self.address = None                  # the arena.Front connected to
         self.idle = []                       # kept-alive _Connections, most recent last
         self.flights = {}                    # path -> the Task of the one GET for it
         self.slots = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -342,6 +346,8 @@ class _LoopFront:
                     raise PeerUnavailable(f"front of {self.client.name!r} closed the "
                                           f"connection: {exc}") from None
                 continue
+            except ssl.SSLCertVerificationError as exc:
+                raise self.client._untrusted_front(exc) from None
             except OSError as exc:
                 if connection is not None:
                     connection.close()
@@ -369,12 +375,17 @@ class _LoopFront:
             if connection.open():
                 return connection, True
             connection.close()
-        host, port = self.address
-        reader, writer = await asyncio.open_connection(host, port)
+        front = self.address
+        tls = self.client._front_tls(front)
+        if tls is None:
+            reader, writer = await asyncio.open_connection(front.host, front.port)
+        else:
+            reader, writer = await asyncio.open_connection(front.host, front.port, ssl=tls[0],
+                                                           server_hostname=tls[1])
         return _Connection(reader, writer, self.generation), False
 
     def _request_head(self, method, path, body, content_type):
-        host, port = self.address
+        host, port = self.address.host, self.address.port
         lines = [f"{method} {path} HTTP/1.1", f"Host: [{host}]:{port}" if ":" in host
                  else f"Host: {host}:{port}"]
         lines += [f"{name}: {value}" for name, value in self.client._headers.items()]

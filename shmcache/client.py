@@ -2,6 +2,10 @@
 
 Hits are read straight from shared memory. A miss goes to the host's HTTP front (the
 address its supervisor wrote into the segment), which loads it once for the whole host.
+A front that speaks TLS (the supervisor has --tls-cert) is reached over HTTPS, its
+certificate verified for the host name of the supervisor's --self URL, against the CA file
+of its --tls-ca (the system's CA store without one): both recorded in the segment, both
+overridable with ``connect(tls_ca=..., tls_server_name=...)``.
 Nothing heavy is imported here (no requests, no protobuf), so attaching stays cheap.
 """
 
@@ -9,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote
@@ -24,6 +29,7 @@ from .lru_index import encode_key
 from .metrics import MISSES, host_stats
 from .stale import Refreshes, refresh, stale_hit
 from .store import Store, check_ttl, encode_value
+from .tls import NamedHTTPSConnection, TlsFilesError, client_context, trust_of, verify_problem
 
 DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
 
@@ -47,9 +53,12 @@ class Client:
     _attachment = None
     owner = False
 
-    def __init__(self, store, owner=False, timeout=DEFAULT_TIMEOUT, token=None):
+    def __init__(self, store, owner=False, timeout=DEFAULT_TIMEOUT, token=None, tls_ca=None,
+                 tls_server_name=None):
         self.owner = owner
         self.timeout = timeout
+        self._tls_ca, self._tls_server_name = tls_ca, tls_server_name
+        self._tls_contexts = {}          # CA file (None: the system's store) -> SSLContext
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()  # per thread: (pid, front generation, HTTPConnection)
         self._groups = {}                # name -> Group whose getter this process runs on a miss
@@ -447,21 +456,48 @@ class Client:
             return cached[2]
         if cached is not None:
             cached[2].close()                        # the front moved, or another process's
-        host, port = self._front_address()
-        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        front = self._front_address()
+        tls = self._front_tls(front)
+        if tls is None:
+            connection = http.client.HTTPConnection(front.host, front.port, timeout=self.timeout)
+        else:
+            connection = NamedHTTPSConnection(front.host, front.port, server_name=tls[1],
+                                              context=tls[0], timeout=self.timeout)
         self._local.connection = (os.getpid(), generation, connection)
         return connection
 
     def _front_address(self):
-        """(host, port) to reach this host's front at; PeerUnavailable if it has none."""
+        """The ``arena.Front`` to reach this host's front at; PeerUnavailable if it has none."""
         store = self._attachment.current
         front = store.arena.front() if store is not None else self._attachment.front
         if front is None:
             raise PeerUnavailable(f"segment {self.name!r} has no HTTP front to load misses")
-        host, port = front
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        return host, port
+        if front.host in ("0.0.0.0", "::", ""):
+            front = front._replace(host="127.0.0.1")
+        return front
+
+    def _front_tls(self, front):
+        """(SSLContext, name to verify its certificate for) if ``front`` speaks TLS, else
+        None. PeerUnavailable if the CA file cannot be read."""
+        if not front.tls:
+            return None
+        ca = self._tls_ca or front.tls_ca or None
+        context = self._tls_contexts.get(ca)
+        if context is None:
+            try:
+                context = self._tls_contexts[ca] = client_context(ca)
+            except TlsFilesError as exc:
+                raise PeerUnavailable(f"cannot verify the front of {self.name!r}: {exc}") from None
+        return context, self._tls_server_name or front.tls_name or front.host
+
+    def _untrusted_front(self, exc):
+        """The PeerUnavailable for a front whose certificate did not verify."""
+        front = self._front_address()
+        return PeerUnavailable(
+            f"the front of {self.name!r} at {front.host}:{front.port} has a TLS certificate "
+            f"that does not verify for {self._front_tls(front)[1]!r} against "
+            f"{trust_of(self._tls_ca or front.tls_ca)}: {verify_problem(exc)} (see "
+            f"connect(tls_ca=..., tls_server_name=...))")
 
     def _fetch(self, group, key):
         return fetch_answer(*self._front_request("GET", group, key))
@@ -479,11 +515,16 @@ class Client:
                 connection.request(method, path, body=body, headers=headers)
                 response = connection.getresponse()
                 return response.status, response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ssl.SSLEOFError) as exc:
                 connection.close()
                 self._local.connection = None
                 if attempt == 2:
                     raise PeerUnavailable(f"front of {self.name!r} closed the connection: {exc}") from None
+            except ssl.SSLCertVerificationError as exc:
+                connection.close()
+                self._local.connection = None
+                raise self._untrusted_front(exc) from None
             except OSError as exc:
                 connection.close()
                 self._local.connection = None
@@ -629,16 +670,22 @@ def distinct_keys(keys):
 
 
 def connect(port: int | None = None, *, name: str | None = None,
-            timeout: float = DEFAULT_TIMEOUT, token: str | None = None) -> Client:
+            timeout: float = DEFAULT_TIMEOUT, token: str | None = None,
+            tls_ca: str | None = None, tls_server_name: str | None = None) -> Client:
     """Attach to the segment of the supervisor on ``port`` (``kcache-<port>``), or to the
     segment ``name``. Hits are read from shared memory; misses go to the host's front, which
     loads them once for the host. ``timeout``: seconds to wait for the front's answer.
     ``token`` (default $SHMCACHE_TOKEN) is sent to the front when it has one.
+    A front with TLS is reached over HTTPS and its certificate verified for
+    ``tls_server_name`` (default: the host name of the supervisor's --self URL) against
+    the PEM CA bundle ``tls_ca`` (default: the supervisor's --tls-ca, else the system's
+    CA store); both are ignored for a plain HTTP front.
     SegmentNotFound if there is no such segment, SegmentIncompatible if it is not one this
     version reads."""
     store = Store.attach(segment_name(port, name))
     store.start_counting()
-    return Client(store, timeout=timeout, token=token or os.environ.get("SHMCACHE_TOKEN"))
+    return Client(store, timeout=timeout, token=token or os.environ.get("SHMCACHE_TOKEN"),
+                  tls_ca=tls_ca, tls_server_name=tls_server_name)
 
 
 def create(name: str, memory: int | str = "64MiB", *,

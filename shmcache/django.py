@@ -48,6 +48,7 @@ shared-memory operation; no thread hop); in host mode they go through the base c
 import logging
 import os
 import pickle
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ REBUILD_LOCK_WAIT = 2.0     # seconds to wait for an incompatible segment's lock
 MAX_TTL = 999_999_999       # shmcache's TTL limit (about 31 years): longer is "forever"
 HASHED_KEY_HEAD = 200       # bytes of a too-long key kept in front of its hash
 _PICKLE = 0x80              # first byte of every pickle of protocol 2 and later
+MEMCACHED_KEY_LIMIT = 250   # Django warns of keys memcached would refuse: longer, or
+_MEMCACHED_UNSAFE = re.compile(r"[\x00-\x20\x7f]").search    # with these characters
 _IGNORED_OPTIONS = {"MAX_ENTRIES", "CULL_FREQUENCY"}
 _EMBEDDED_OPTIONS = {"memory", "max_item_size", "group"}
 _HOST_OPTIONS = {"group", "token", "load"}
@@ -93,7 +96,7 @@ def encode(value):
 
 
 def decode(data):
-    if data[:1] == b"\x80":
+    if data and data[0] == _PICKLE:
         return pickle.loads(data)
     try:
         return decimal_value(data)
@@ -104,6 +107,8 @@ def decode(data):
 def shmcache_key(key):
     """A Django cache key as shmcache stores it: itself, or if it is longer than
     MAX_KEY_BYTES (or empty), its head and a 128-bit hash of the whole key."""
+    if 0 < len(key) <= MAX_KEY_BYTES // 4:      # fits however it encodes: kept as text,
+        return key                              # the reader's fastest path
     data = key.encode()
     if 0 < len(data) <= MAX_KEY_BYTES:
         return data
@@ -284,6 +289,7 @@ class ShmCache(BaseCache):
         except (InvalidArgument, ValueError) as exc:
             raise ImproperlyConfigured(f"cache {location!r}: {exc}") from None
         self._client = None
+        self._reader = None                         # see _use
         self._direct = not self.spec.host
 
     @staticmethod
@@ -302,7 +308,7 @@ class ShmCache(BaseCache):
         ``close_connections``."""
         client = self._client
         if client is None:
-            client = self._client = _shared_client(self.spec)
+            client = self._use(_shared_client(self.spec))
         try:
             return operation(client, *args)
         except ClientClosed:
@@ -310,11 +316,26 @@ class ShmCache(BaseCache):
         except (SegmentNotFound, UnknownGroup):
             if self.spec.host:
                 raise
-        client = self._client = _shared_client(self.spec, stale=client)
+        client = self._use(_shared_client(self.spec, stale=client))
         return operation(client, *args)
+
+    def _use(self, client):
+        """Make ``client`` this cache's; in embedded mode ``get`` then calls its reader
+        (which follows the segment, see Client.peek) without going through ``_run``."""
+        self._client = client
+        self._reader = client.peek if self._direct else None
+        return client
 
     def _key(self, key, version):
         return shmcache_key(self.make_and_validate_key(key, version=version))
+
+    def make_and_validate_key(self, key, version=None):
+        """Django's, with the same warnings, but the character scan of ``validate_key`` is
+        one regular-expression search: it is most of a hit's cost otherwise."""
+        key = self.make_key(key, version=version)
+        if len(key) > MEMCACHED_KEY_LIMIT or _MEMCACHED_UNSAFE(key):
+            self.validate_key(key)
+        return key
 
     def _expiry(self, timeout):
         """Seconds to keep a value: None (forever, or the group's TTL in host mode), or a
@@ -339,20 +360,31 @@ class ShmCache(BaseCache):
 
     # -- the API ----------------------------------------------------------------------------
 
+    def _read(self, key):
+        """The stored bytes of a made key, or None: ``_peek``, through the reader itself
+        when ``_use`` set it (a hit is then one call into shared memory)."""
+        reader = self._reader
+        if reader is not None:
+            try:
+                return reader(self.group, key)
+            except (ClientClosed, SegmentNotFound, UnknownGroup):
+                pass
+        return self._run(self._peek, key)
+
     def get(self, key, default=None, version=None):
-        data = self._run(self._peek, self._key(key, version))
+        data = self._read(self._key(key, version))
         return default if data is None else decode(data)
 
     def get_many(self, keys, version=None):
         found = {}
         for key in keys:
-            data = self._run(self._peek, self._key(key, version))
+            data = self._read(self._key(key, version))
             if data is not None:
                 found[key] = decode(data)
         return found
 
     def has_key(self, key, version=None):
-        return self._run(self._peek, self._key(key, version)) is not None
+        return self._read(self._key(key, version)) is not None
 
     def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
         self._set(self._key(key, version), encode(value), self._expiry(timeout))

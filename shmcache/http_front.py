@@ -505,10 +505,13 @@ class Front:
             return answer.response
         node = self.node
         if method == "GET":
+            peek_only = parse_qs(request.query).get("peek") == ["1"]
             node.store.count(group, SERVER_REQUESTS)
             hit = node.peek(group, key) or node.peek_stale(group, key, from_peer=True)
             if hit is not None:
                 return render(200, encode_get_response(hit[0], hit[1]), content_type=PROTOBUF)
+            if peek_only:                       # ?peek=1: from memory only (discovery.py)
+                return error(404, f"{group}/{key[:100]} is not held here")
             return then(node.get_future(group, key, from_peer=True),
                         lambda done: self._peer_answer(done, group, key))
         if method == "PUT":

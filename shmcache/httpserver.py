@@ -13,6 +13,12 @@ the client gets a plain 500 and the traceback goes to the log only.
 
 Every worker process listens on the same inherited socket; EPOLLEXCLUSIVE wakes one of them
 per new connection.
+
+With ``tls`` (an SSLContext), every connection speaks TLS: the loop moves ciphertext between
+the socket and a ``tls.ServerSession`` (memory buffers), so handshakes never block it. A
+handshake must finish within ``header_timeout``; one that fails closes only its connection
+(logged at debug level). A client speaking plain HTTP to the TLS port gets a plain-text 400
+saying so, then the connection is closed.
 """
 
 import collections
@@ -21,8 +27,11 @@ import logging
 import os
 import select
 import socket
+import ssl
 import time
 from email.utils import formatdate
+
+from .tls import NotTls, ServerSession
 
 log = logging.getLogger("shmcache.http")
 
@@ -108,7 +117,7 @@ def error(status, reason, **kwargs):
 
 class _Connection:
     __slots__ = ("sock", "fd", "peer", "inbuf", "outbuf", "busy", "closing", "last_active",
-                 "started", "continued", "writing", "draining")
+                 "started", "continued", "writing", "draining", "tls")
 
     def __init__(self, sock, peer, now):
         self.sock, self.fd, self.peer = sock, sock.fileno(), peer
@@ -121,6 +130,7 @@ class _Connection:
         self.continued = False     # "100 Continue" sent for the pending request
         self.writing = False       # registered for EPOLLOUT
         self.draining = False      # answered and shut for writing; discarding input until EOF
+        self.tls = None            # its tls.ServerSession on a TLS front
 
 
 class _BadRequest(Exception):
@@ -132,8 +142,9 @@ class _BadRequest(Exception):
 class HttpServer:
     """Serves ``handle`` on ``listener`` until ``stop()``; then drains and returns."""
 
-    def __init__(self, listener, handle, limits=None):
+    def __init__(self, listener, handle, limits=None, tls=None):
         self.listener = listener
+        self.tls = tls                       # the front's SSLContext, or None for plain HTTP
         self.handle = handle
         self.limits = limits or Limits()
         self._largest_body = max(self.limits.max_body, self.limits.max_post_body or 0)
@@ -233,6 +244,9 @@ class HttpServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = _Connection(sock, peer, now)
+            if self.tls is not None:
+                connection.tls = ServerSession(self.tls)
+                connection.started = now       # the handshake's deadline runs from here
             self.connections[connection.fd] = connection
             self._epoll.register(connection.fd, select.EPOLLIN | select.EPOLLRDHUP)
 
@@ -258,6 +272,10 @@ class HttpServer:
             return
         if connection.draining:
             return                             # discard until the client closes
+        if connection.tls is not None:
+            data = self._decrypt(connection, data)
+            if not data:
+                return                         # handshake under way, partial record, or closed
         connection.last_active = time.monotonic()
         if connection.started is None:
             connection.started = connection.last_active
@@ -268,6 +286,52 @@ class HttpServer:
             self._process(connection)
         elif len(connection.inbuf) > self._largest_body + self.limits.max_header_bytes:
             self._close(connection)            # pipelining more than a request's worth: abuse
+
+    def _decrypt(self, connection, data):
+        """The plaintext that ciphertext ``data`` completes; b"" if none yet, or if the
+        connection was closed or refused meanwhile."""
+        session = connection.tls
+        handshaking = not session.established
+        try:
+            data = session.receive(data)
+        except NotTls:
+            connection.tls = None              # say so in plain text, then close
+            connection.started = time.monotonic()
+            self._send(connection, error(400, "this port speaks HTTPS: use https://",
+                                         close=True), close=True)
+            return b""
+        except (ssl.SSLError, EOFError) as exc:
+            log.debug("TLS connection from %s closed: %s", connection.peer, exc)
+            alert = session.outgoing()        # a failed handshake's alert, if any
+            if alert:
+                try:
+                    connection.sock.send(alert)
+                except OSError:
+                    pass
+            self._close(connection)
+            return b""
+        produced = session.outgoing()
+        if produced:
+            connection.outbuf += produced
+            self._flush(connection)
+            if self.connections.get(connection.fd) is not connection:
+                return b""
+        if handshaking and session.established:
+            connection.started = None          # from now on, timeouts as for plain HTTP
+        return data
+
+    def _output(self, connection, data):
+        """Queue ``data`` (plaintext) for sending, encrypted on a TLS connection (one whose
+        session refuses to encrypt is closed)."""
+        if connection.tls is None:
+            connection.outbuf += data
+            return
+        try:
+            connection.outbuf += connection.tls.encrypt(data)
+        except ssl.SSLError as exc:
+            log.debug("TLS connection from %s closed: %s", connection.peer, exc)
+            connection.closing = True
+            self._close(connection)
 
     def _process(self, connection):
         """Answer every complete request in the buffer, in order, until one needs a Future."""
@@ -324,10 +388,12 @@ class HttpServer:
             head, sep, body = response.partition(b"\r\n\r\n")
             if b"\r\nConnection: close" not in head:
                 response = head + b"\r\nConnection: close" + sep + body
-        connection.outbuf += response
+        self._output(connection, response)
         self._flush(connection)
 
     def _flush(self, connection):
+        if self.connections.get(connection.fd) is not connection:
+            return                               # closed meanwhile
         out = connection.outbuf
         while out:
             try:
@@ -374,6 +440,11 @@ class HttpServer:
             if connection.draining:
                 if now - connection.last_active > LINGER:
                     self._close(connection)
+                continue
+            if connection.tls is not None and not connection.tls.established:
+                if now - connection.started > limits.header_timeout:
+                    log.debug("TLS handshake from %s timed out", connection.peer)
+                    self._close(connection)    # no HTTP spoken yet: nothing to answer in
                 continue
             if connection.busy:
                 continue
@@ -454,7 +525,7 @@ class HttpServer:
         if len(buf) - body_start < length:
             if not connection.continued and headers.get("expect", "").lower() == "100-continue":
                 connection.continued = True
-                connection.outbuf += _CONTINUE
+                self._output(connection, _CONTINUE)
                 self._flush(connection)
             return None
         body = bytes(buf[body_start:body_start + length])

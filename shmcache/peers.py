@@ -2,6 +2,11 @@
 (``PeerClient``), and which peers are failing (``PeerHealth``, shared by the host's workers
 through the arena so that one timeout spares every worker the next).
 
+A peer given as ``https://`` is reached over TLS, its certificate verified (for the host
+name of its URL) against --tls-ca, or the system's CA store. One whose certificate does not
+verify is refused: logged as such, and a failure like any other (suspect, backoff; the key
+is loaded here meanwhile).
+
 The peer client uses ``http.client`` with a small keep-alive pool per peer rather than
 ``requests``: measured on loopback against a worker, a requests.Session GET costs 419 us
 p50 and http.client 87 us, and a remote hit must stay under half a millisecond. Pools are
@@ -19,6 +24,7 @@ URL hash; changed only under the arena's write lock, read without it)::
 import http.client
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -29,6 +35,7 @@ import xxhash
 from .arena import PEER_SLOT_BYTES, PEER_SLOTS
 from .errors import NotFound, PeerUnavailable
 from .ring import Ring
+from .tls import NamedHTTPSConnection, client_context, trust_of, verify_problem
 
 log = logging.getLogger("shmcache")
 
@@ -44,12 +51,14 @@ class PeerError(Exception):
 
 
 def normalize_url(url):
-    """``http://host:port`` without a trailing slash; ValueError for anything else."""
+    """``http://host:port`` or ``https://host:port`` without a trailing slash; ValueError
+    for anything else."""
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname or parts.path or parts.query:
-        raise ValueError(f"peer URL must look like http://host:port, not {url!r}")
-    return f"http://{parts.netloc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise ValueError(f"peer URL must look like http://host:port or https://host:port, "
+                         f"not {url!r}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def load_peer_list(static=(), path=None):
@@ -69,10 +78,13 @@ class PeerClient:
     failure (refused, reset, timed out); NotFound on 404; PeerError on other statuses."""
 
     def __init__(self, url, base_path="/_kcache/", connect_timeout=0.5, read_timeout=10.0,
-                 token=None):
+                 token=None, tls_ca=None, tls_context=None):
         self.url = url
         parts = urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.tls = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port or (443 if self.tls else 80)
+        self.tls_ca = tls_ca
+        self._context = (tls_context or client_context(tls_ca)) if self.tls else None
         self.base_path = "/" + base_path.strip("/") + "/"
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -87,15 +99,23 @@ class PeerClient:
 
     def fetch(self, group, key):
         """(value, expiry) from the owner; its GetResponse decoded."""
-        from .http_front import decode_get_response
         status, body = self.request("GET", self.path(group, key))
+        if status == 404:
+            raise NotFound(body.decode(errors="replace").strip() or f"{group}/{key} not found")
+        return self._value(status, body)
+
+    def peek(self, group, key):
+        """(value, expiry) the peer holds in memory, or None: it neither loads nor forwards."""
+        status, body = self.request("GET", self.path(group, key) + "?peek=1")
+        return None if status == 404 else self._value(status, body)
+
+    def _value(self, status, body):
+        from .http_front import decode_get_response
         if status == 200:
             try:
                 return decode_get_response(body)
             except ValueError as exc:
                 raise PeerError(f"{self.url} sent a bad GetResponse: {exc}") from None
-        if status == 404:
-            raise NotFound(body.decode(errors="replace").strip() or f"{group}/{key} not found")
         raise PeerError(f"{self.url} answered {status}: {body[:200].decode(errors='replace').strip()}")
 
     def store(self, group, key, value, expire_at=None):
@@ -123,7 +143,8 @@ class PeerClient:
                 connection.request(method, path, body=body, headers=self.headers)
                 response = connection.getresponse()
                 data = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ssl.SSLEOFError) as exc:
                 connection.close()
                 if reused and attempt == 1:
                     continue
@@ -143,9 +164,23 @@ class PeerClient:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        if self.tls:
+            connection = NamedHTTPSConnection(self.host, self.port, context=self._context,
+                                              timeout=self.connect_timeout)
+        else:
+            connection = http.client.HTTPConnection(self.host, self.port,
+                                                    timeout=self.connect_timeout)
         try:
             connection.connect()
+        except ssl.SSLCertVerificationError as exc:
+            connection.close()
+            log.error("peer %s refused: its TLS certificate does not verify against %s: %s",
+                      self.url, trust_of(self.tls_ca), verify_problem(exc))
+            raise PeerUnavailable(f"{self.url}: TLS certificate not trusted: "
+                                  f"{verify_problem(exc)}") from None
+        except ssl.SSLError as exc:
+            connection.close()
+            raise PeerUnavailable(f"{self.url}: TLS handshake failed: {exc.reason or exc}") from None
         except OSError as exc:
             connection.close()
             what = "connect timed out" if isinstance(exc, (socket.timeout, TimeoutError)) else exc.strerror or str(exc)
@@ -238,51 +273,100 @@ class PeerHealth:
         return struct.unpack_from("I", self.buf, offset + 16)[0] if offset is not None else 0
 
 
+class _View:
+    """One peer set as a worker uses it; replaced whole, so a reader sees old or new."""
+    __slots__ = ("self_url", "ring", "clients", "previous", "previous_until")
+
+    def __init__(self, self_url, ring, clients, previous, previous_until):
+        self.self_url, self.ring, self.clients = self_url, ring, clients
+        self.previous, self.previous_until = previous, previous_until
+
+
 class Peers:
     """The peer picker: ``owner_of(key)`` is the PeerClient of the owner, or None when this
-    host owns the key or its owner is suspect (then we load locally)."""
+    host owns the key or its owner is suspect (then we load locally). For a while after the
+    peer set changed, ``previous_owner_of(key)`` names the owner by the ring before."""
 
     def __init__(self, self_url, urls, store, base_path="/_kcache/", connect_timeout=0.5,
-                 read_timeout=10.0, token=None):
-        self.self_url = normalize_url(self_url)
+                 read_timeout=10.0, token=None, tls_ca=None, previous=(), previous_until=0.0):
         self.options = dict(base_path=base_path, connect_timeout=connect_timeout,
-                            read_timeout=read_timeout, token=token)
+                            read_timeout=read_timeout, token=token, tls_ca=tls_ca)
         self.health = PeerHealth(store)
-        self.ring = None
-        self.clients = {}
-        self.update(urls)
+        # One context for every https:// peer, its CA file read once, at boot: a reload
+        # of the peer list does not depend on it again.
+        if tls_ca or any(urlsplit(url).scheme == "https" for url in urls):
+            self.options["tls_context"] = client_context(tls_ca)
+        self._view = None
+        self.update(urls, self_url, previous, previous_until)
 
-    def update(self, urls):
-        """Use a new peer list (this host is always in it)."""
-        urls = {normalize_url(url) for url in urls} | {self.self_url}
-        ring = Ring(urls)
-        clients = {url: self.clients.get(url) or PeerClient(url, **self.options)
-                   for url in ring.peers if url != self.self_url}
-        for url, client in self.clients.items():
+    @property
+    def self_url(self):
+        return self._view.self_url
+
+    @property
+    def ring(self):
+        return self._view.ring
+
+    @property
+    def clients(self):
+        return self._view.clients
+
+    def update(self, urls, self_url=None, previous=(), previous_until=0.0):
+        """Use a new peer list (this host is always in it), and the ring of ``previous``
+        for peeks until the Unix time ``previous_until``."""
+        old = self._view
+        self_url = normalize_url(self_url) if self_url else old.self_url
+        urls = {normalize_url(url) for url in urls} | {self_url}
+        ring = old.ring if old and set(old.ring.peers) == urls else Ring(urls)
+        previous = {normalize_url(url) for url in previous}
+        if not previous or previous_until <= time.time():
+            previous_ring = None
+        elif old and old.previous and set(old.previous.peers) == previous:
+            previous_ring = old.previous
+        else:
+            previous_ring = ring if previous == urls else Ring(previous)
+        kept = old.clients if old else {}
+        clients = {url: kept.get(url) or PeerClient(url, **self.options)
+                   for url in ring.peers if url != self_url}
+        self._view = _View(self_url, ring, clients, previous_ring, previous_until)
+        for url, client in kept.items():
             if url not in clients:
                 client.close()
-        self.ring, self.clients = ring, clients       # one assignment each: readers see old or new
 
     def owner_of(self, key):
-        owner = self.ring.owner_of(key)
-        if owner == self.self_url:
+        view = self._view
+        owner = view.ring.owner_of(key)
+        if owner == view.self_url or self.health.is_suspect(owner):
             return None
-        if self.health.is_suspect(owner):
-            return None
-        return self.clients[owner]
+        return view.clients[owner]
 
     def owner_url(self, key):
-        return self.ring.owner_of(key)
+        return self._view.ring.owner_of(key)
+
+    def previous_owner_of(self, key):
+        """The PeerClient to peek for ``key`` before loading it here: its owner by the
+        previous ring, when this host owns it now and that owner is another peer still in
+        the set and not suspect. None otherwise, and once the previous ring has expired."""
+        view = self._view
+        if view.previous is None or view.previous_until <= time.time():
+            return None
+        if view.ring.owner_of(key) != view.self_url:
+            return None
+        before = view.previous.owner_of(key)
+        client = view.clients.get(before)
+        if client is None or self.health.is_suspect(before):
+            return None
+        return client
 
     def others(self):
-        return list(self.clients.values())
+        return list(self._view.clients.values())
 
     def stats(self):
         now = time.time()
         return {url: {"suspect": self.health.suspect_until(url) > now,
                       "failures": self.health.failures(url)}
-                for url in self.clients}
+                for url in self._view.clients}
 
     def close(self):
-        for client in self.clients.values():
+        for client in self._view.clients.values():
             client.close()

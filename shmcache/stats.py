@@ -13,11 +13,17 @@ import os
 import sys
 import time
 
+from .tls import NamedHTTPSConnection, TlsFilesError, client_context
 from .units import format_size
 
 
-def fetch(host, port, token=None, timeout=10):
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+def fetch(host, port, token=None, timeout=10, tls=None):
+    """The host's /stats; over HTTPS with ``tls`` = (SSLContext, name to verify)."""
+    if tls is None:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    else:
+        connection = NamedHTTPSConnection(host, port, server_name=tls[1], context=tls[0],
+                                          timeout=timeout)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         connection.request("GET", "/stats", headers=headers)
@@ -99,12 +105,26 @@ def main(argv=None):
                              "interrupted")
     parser.add_argument("--interval", type=float, default=2.0,
                         help="seconds between redraws with --watch (default 2)")
+    parser.add_argument("--https", action="store_true",
+                        help="the front speaks HTTPS (its supervisor has --tls-cert)")
+    parser.add_argument("--tls-ca", metavar="FILE",
+                        help="verify the front's certificate against this PEM CA bundle "
+                             "(implies --https; default: the system's CA store)")
+    parser.add_argument("--tls-server-name", metavar="NAME",
+                        help="the name the front's certificate is verified for (implies "
+                             "--https; default --host)")
     args = parser.parse_args(argv)
+    tls = None
+    if args.https or args.tls_ca or args.tls_server_name:
+        try:
+            tls = client_context(args.tls_ca), args.tls_server_name or args.host
+        except TlsFilesError as exc:
+            parser.error(str(exc))
     previous, then = None, None
     try:
         while True:
             try:
-                stats = fetch(args.host, args.port, args.token)
+                stats = fetch(args.host, args.port, args.token, tls=tls)
             except (OSError, RuntimeError, ValueError) as exc:
                 print(f"cannot read stats from {args.host}:{args.port}: {exc}", file=sys.stderr)
                 return 1

@@ -4,7 +4,8 @@ It loads the groups, opens the arena (with ``--warm-restart``, re-attaching the 
 last supervisor of that name kept at a clean stop), binds the listening socket, forks the
 workers, replaces any that die, and on SIGTERM/SIGINT drains and stops them. Signal handlers only enqueue; the main loop
 dispatches. While it runs it holds an OFD lock on OWNER_LOCK_BYTE of the segment, so a
-second supervisor can tell a live owner from a dead one.
+second supervisor can tell a live owner from a dead one. It alone polls the peer sources
+(--peers-file, --peers-dns) and publishes each new peer set to its workers (discovery.py).
 
 Exit codes: 0 after a clean stop; 2 bad command line or groups; 3 a worker could not boot;
 4 the segment or the port could not be had.
@@ -22,14 +23,17 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from .arena import (_OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, _OFFSET_PEER_COUNT,
                     DEFAULT_MAX_GROUPS, OWNER_LOCK_BYTE, retire)
+from .discovery import PeerBoard, PeerSource, next_view, parse_dns_target
 from .errors import SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound
 from .group import AppError, check_groups, demo_groups, load_app, origin_group, DEMO_SCORES
 from .locks import LockFile
 from .peers import load_peer_list, normalize_url
 from .store import Store
+from .tls import TlsFilesError, client_context, server_context
 from .units import format_size, parse_size
 from .worker import WORKER_BOOT_ERROR, Worker
 
@@ -70,13 +74,30 @@ class Config:
     access_log: bool = False
     request_timeout: float = 10.0
     keepalive_timeout: float = 75.0
+    peers_dns: str = None
+    peers_refresh: float = 5.0
+    tls_cert: str = None           # with tls_key: the front speaks HTTPS
+    tls_key: str = None
+    tls_ca: str = None             # verifies https:// peers (None: the system's CA store)
 
     def __post_init__(self):
         if self.name is None:
             self.name = f"kcache-{self.port}"
+        self.self_explicit = self.self_url is not None
         if self.self_url is None:
             host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-            self.self_url = f"http://{host}:{self.port}"
+            self.self_url = f"{self.scheme}://{host}:{self.port}"
+
+    @property
+    def scheme(self):
+        """What the front speaks, and so the scheme of this host's URL and of the peers
+        discovered by name."""
+        return "https" if self.tls_cert else "http"
+
+    @property
+    def clustered(self):
+        """True when other hosts may share the keyspace."""
+        return bool(self.peers or self.peers_file or self.peers_dns)
 
 
 def parse_args(argv=None):
@@ -107,7 +128,13 @@ def parse_args(argv=None):
         help="deprecated: removing the segment at a clean stop is the default now")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--peers", default="", help="URL,URL,... of every host (this one included)")
-    add("--peers-file", help="file of peer URLs (one per line), re-read on SIGHUP")
+    add("--peers-file", help="file of peer URLs (one per line), re-read when it changes "
+        "(polled every --peers-refresh seconds) and on SIGHUP")
+    add("--peers-dns", metavar="NAME[:PORT]", help="every address NAME resolves to (A and "
+        "AAAA records) is a peer, on PORT (default --port); resolved again every "
+        "--peers-refresh seconds")
+    add("--peers-refresh", type=float, default=5.0,
+        help="seconds between two lookups of --peers-dns and polls of --peers-file (default 5)")
     add("--self", dest="self_url", help="this host's URL among the peers "
         "(default http://<host>:<port>)")
     add("--hot-fraction", type=float, default=0.1,
@@ -127,6 +154,12 @@ def parse_args(argv=None):
         help="seconds a client may take to send a request's headers (default 10)")
     add("--keepalive-timeout", type=float, default=75.0,
         help="seconds an idle keep-alive connection is kept (default 75)")
+    add("--tls-cert", metavar="FILE",
+        help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
+    add("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    add("--tls-ca", metavar="FILE",
+        help="PEM CA bundle that https:// peers' certificates are verified against (default: "
+             "the system's CA store); connect() clients use it too, unless told otherwise")
     args = parser.parse_args(argv)
     try:
         memory, max_item = parse_size(args.memory), parse_size(args.max_item_size)
@@ -151,9 +184,14 @@ def parse_args(argv=None):
             parser.error("--unlink-on-stop contradicts --warm-restart")
         print("warning: --unlink-on-stop is deprecated: a clean stop removes the segment "
               "unless --warm-restart is given", file=sys.stderr)
+    if not args.peers_refresh > 0:
+        parser.error("--peers-refresh must be a positive number of seconds")
+    tls_ca = check_tls(parser, args)
     static = tuple(part for part in args.peers.split(",") if part.strip())
     try:
         load_peer_list(static, args.peers_file)
+        if args.peers_dns:
+            parse_dns_target(args.peers_dns, args.port)
         if args.self_url:
             normalize_url(args.self_url)
     except (OSError, ValueError) as exc:
@@ -164,7 +202,28 @@ def parse_args(argv=None):
                   args.peers_file, args.self_url and normalize_url(args.self_url),
                   args.hot_fraction, args.peer_timeout, args.peer_connect_timeout, args.token,
                   args.token_reads, args.max_key_bytes, args.access_log, args.request_timeout,
-                  args.keepalive_timeout)
+                  args.keepalive_timeout, args.peers_dns, args.peers_refresh,
+                  tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=tls_ca)
+
+
+def check_tls(parser, args):
+    """Exit 2 (a usage error) unless the TLS options go together and their files load, and
+    --self has the scheme the front speaks. The CA file's absolute path: connect() clients
+    of the segment read it from wherever they run."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together: give both, or neither")
+    try:
+        if args.tls_cert:
+            server_context(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            client_context(args.tls_ca)
+    except TlsFilesError as exc:
+        parser.error(str(exc))
+    scheme = "https" if args.tls_cert else "http"
+    if args.self_url and not args.self_url.strip().startswith(f"{scheme}://"):
+        parser.error(f"--self must be an {scheme}:// URL: this host's front speaks "
+                     f"{'HTTPS (--tls-cert)' if args.tls_cert else 'plain HTTP (no --tls-cert)'}")
+    return os.path.abspath(args.tls_ca) if args.tls_ca else None
 
 
 class Supervisor:
@@ -181,6 +240,10 @@ class Supervisor:
         self.app_factory = None
         self.stopping = False
         self.exit_code = 0
+        self.peer_source = PeerSource(config) if config.clustered else None
+        self.peer_board = None            # made in run(): the workers inherit it
+        self.peer_view = None
+        self.next_refresh = 0.0
 
     # -- main -------------------------------------------------------------------------------
 
@@ -197,24 +260,22 @@ class Supervisor:
             log.error("cannot start: %s", exc)
             return EXIT_USAGE
         try:
+            self.refresh_peers()
             self.listener = self.bind()
             self.open_segment()
         except (OSError, SegmentInUse, SegmentCreateError, ValueError) as exc:
             log.error("cannot start: %s", exc)
             self.close()
             return EXIT_RESOURCE
-        log.info("listening on http://%s:%d with %d workers (segment %s, pid %d)",
-                 self.config.host, self.config.port, self.config.workers, self.config.name,
-                 os.getpid())
-        peers = self.peer_list()
-        if len(peers) > 1:
-            log.info("this host is %s among %d peers", self.config.self_url, len(peers))
+        config = self.config
+        log.info("listening on %s://%s:%d with %d workers (segment %s, pid %d)", config.scheme,
+                 config.host, config.port, config.workers, config.name, os.getpid())
         try:
             self.dispatch_signals()
             if not self.stopping:
                 self.manage_workers()
             while not self.stopping:
-                select.select([wake_read], [], [], 1.0)
+                select.select([wake_read], [], [], self.wait_time())
                 try:
                     while os.read(wake_read, 512):
                         pass
@@ -222,6 +283,8 @@ class Supervisor:
                     pass
                 self.dispatch_signals()
                 self.reap_workers()
+                if self.peer_source is not None and time.monotonic() >= self.next_refresh:
+                    self.refresh_peers()
                 if not self.stopping:
                     self.manage_workers()
             self.stop_workers()
@@ -242,29 +305,47 @@ class Supervisor:
                 self.handle_hup()
 
     def handle_hup(self):
-        """Re-read --peers-file and tell the workers to do the same."""
-        if not self.config.peers_file:
-            log.info("SIGHUP: no --peers-file to reload")
+        """Re-read --peers-file (and resolve --peers-dns) now."""
+        if self.peer_source is None or not (self.config.peers_file or self.config.peers_dns):
+            log.info("SIGHUP: no --peers-file or --peers-dns to reload")
             return
-        try:
-            peers = self.peer_list()
-        except (OSError, ValueError) as exc:
-            log.error("SIGHUP: keeping the old peers: %s", exc)
+        self.refresh_peers(reason="SIGHUP")
+
+    def wait_time(self):
+        """Seconds the main loop may sleep: at most one, and not past the next refresh."""
+        if self.peer_source is None:
+            return 1.0
+        return max(0.0, min(1.0, self.next_refresh - time.monotonic()))
+
+    def refresh_peers(self, reason=None):
+        """Poll the peer sources; when the set changed, publish it and tell the workers,
+        which read it within their next tick. Logged here, once for the host."""
+        if self.peer_source is None:
             return
-        log.info("SIGHUP: %d peers: %s", len(peers), ", ".join(peers))
-        self.store.arena.set_u32(_OFFSET_PEER_COUNT, len(peers))
+        config = self.config
+        self.next_refresh = time.monotonic() + config.peers_refresh
+        self_url, peers = self.peer_source.refresh(force=reason is not None)
+        first = self.peer_view is None
+        view = next_view(self.peer_view, self_url, peers)
+        if reason:
+            log.info("%s: %d peers: %s", reason, len(peers), ", ".join(peers))
+        if view is self.peer_view:
+            return
+        if first:
+            self.peer_board = PeerBoard()
+            log.info("this host is %s among %d peers", self_url, len(peers))
+        else:
+            added = sorted(set(peers) - set(self.peer_view.peers))
+            removed = sorted(set(self.peer_view.peers) - set(peers))
+            log.info("peers changed: %d peers now (added: %s; removed: %s; this host: %s)",
+                     len(peers), ", ".join(added) or "none", ", ".join(removed) or "none",
+                     self_url)
+        self.peer_view = view
+        self.peer_board.publish(view)
+        if self.store is not None:
+            self.store.arena.set_u32(_OFFSET_PEER_COUNT, len(peers))
         for pid in list(self.workers):
             _signal(pid, signal.SIGHUP)
-
-    def peer_list(self):
-        """Every peer URL, this host's included."""
-        config = self.config
-        if not config.peers and not config.peers_file:
-            return [config.self_url]
-        peers = set(load_peer_list(config.peers, config.peers_file))
-        if config.self_url not in peers:
-            log.warning("this host (%s) is not in its peer list: adding it", config.self_url)
-        return sorted(peers | {config.self_url})
 
     # -- groups and the segment --------------------------------------------------------------
 
@@ -356,8 +437,8 @@ class Supervisor:
         arena.set_u32(_OFFSET_CLEAN, 0)
         arena.set_u32(_OFFSET_OWNER_PID, os.getpid())
         struct.pack_into("d", arena.buf, _OFFSET_OWNER_START, time.time())
-        arena.set_front(config.host, config.port)
-        arena.set_u32(_OFFSET_PEER_COUNT, len(self.peer_list()))
+        arena.set_front(config.host, config.port, **front_tls(config))
+        arena.set_u32(_OFFSET_PEER_COUNT, len(self.peer_view.peers) if self.peer_view else 1)
         self.define_groups()
 
     def _adopt_existing(self):
@@ -440,7 +521,8 @@ class Supervisor:
         ``Worker.run`` unblocks them. The parent unblocks at once; whatever arrived for it
         meanwhile is delivered then. (Python clears its own not-yet-handled signal flags in
         the child at fork.)"""
-        worker = Worker(index, self.config, self.listener, self.groups, self.app_factory)
+        worker = Worker(index, self.config, self.listener, self.groups, self.app_factory,
+                        self.peer_board)
         for handler in logging.getLogger().handlers:
             handler.flush()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
@@ -521,6 +603,18 @@ class Supervisor:
         if self._owner_lock is not None:
             self._owner_lock.close()
             self._owner_lock = None
+        if self.peer_board is not None:
+            self.peer_board.close()
+            self.peer_board = None
+
+
+def front_tls(config):
+    """How connect() clients verify this host's front: for the host name of --self (what
+    peers verify it for too), against --tls-ca or the system's store."""
+    if not config.tls_cert:
+        return {}
+    return {"tls": True, "tls_name": urlsplit(config.self_url).hostname,
+            "tls_ca": config.tls_ca or ""}
 
 
 def _same_file(arena):

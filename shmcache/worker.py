@@ -52,6 +52,9 @@ class NoPeers:
     def owner_url(self, key):
         return None
 
+    def previous_owner_of(self, key):
+        return None
+
     def others(self):
         return []
 
@@ -173,6 +176,9 @@ class Node:
         gid = self.store.group_id(group)
 
         def load_and_store():
+            peeked = self._peek_previous_owner(group, key)
+            if peeked is not None:
+                return peeked
             try:
                 value = target.load(key)
             except NotFound:
@@ -189,6 +195,34 @@ class Node:
             return value
         load = self.host_flights.load if wait else self.host_flights.load_unless_loading
         return load(gid, encode_key(key), load_and_store)
+
+    def _peek_previous_owner(self, group, key):
+        """The value the key's previous owner holds in memory, stored here; None if it has
+        none. A key whose owner became this host when the peer set changed is asked of its
+        owner by the previous ring before the getter runs (galaxycache's peek), so churn
+        moves warm keys instead of loading them again. A peek never loads or forwards."""
+        previous = self.peers.previous_owner_of(key)
+        if previous is None:
+            return None
+        try:
+            found = previous.peek(group, key)
+        except PeerUnavailable as exc:
+            self.peers.health.failed(previous.url, str(exc))
+            return None
+        except PeerError as exc:
+            log.warning("peek of %s/%s failed, loading it here: %s", group, key, exc)
+            return None
+        if found is None:
+            return None
+        value, expiry = found
+        if expiry is not None and expiry <= time.time():
+            return None
+        self.store.count(group, PEER_LOADS)
+        try:
+            self.store.set(group, key, value, expire_at=expiry)
+        except ValueTooLarge:
+            pass
+        return value
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -315,8 +349,9 @@ class Node:
 class Worker:
     """One worker process. Build in the supervisor, then ``run()`` in the forked child."""
 
-    def __init__(self, index, config, listener, groups, app_factory=None):
+    def __init__(self, index, config, listener, groups, app_factory=None, peer_board=None):
         self.index = index
+        self.peer_board = peer_board       # the supervisor's PeerView (discovery.py)
         self.config = config
         self.listener = listener
         self.groups = groups
@@ -409,12 +444,15 @@ class Worker:
         pool = ThreadPoolExecutor(max_workers=config.threads,
                                   thread_name_prefix=f"worker{self.index}")
         peers = None
-        if config.peers or config.peers_file:
-            from .peers import Peers, load_peer_list
-            peers = Peers(config.self_url, load_peer_list(config.peers, config.peers_file),
-                          store, base_path=config.base_path,
+        if self.peer_board is not None:
+            from .peers import Peers
+            view = self.peer_board.read()
+            peers = Peers(view.self_url, view.peers, store, base_path=config.base_path,
                           connect_timeout=config.peer_connect_timeout,
-                          read_timeout=config.peer_timeout, token=config.token)
+                          read_timeout=config.peer_timeout, token=config.token,
+                          tls_ca=config.tls_ca, previous=view.previous,
+                          previous_until=view.previous_until)
+            log.debug("worker %d: %d peers", self.index, len(peers.ring))
         node = self.node = Node(store, groups, pool, peers=peers, load_timeout=config.load_timeout,
                                 hot_fraction=config.hot_fraction)
         front = Front(node, base_path=config.base_path, token=config.token,
@@ -424,7 +462,11 @@ class Worker:
                         header_timeout=config.request_timeout,
                         idle_timeout=config.keepalive_timeout)
         handle = access_logged(front.handle) if config.access_log else front.handle
-        self.server = HttpServer(self.listener, handle, limits)
+        tls = None
+        if config.tls_cert:                # a context of its own, made after fork
+            from .tls import server_context
+            tls = server_context(config.tls_cert, config.tls_key)
+        self.server = HttpServer(self.listener, handle, limits, tls=tls)
         log.info("worker %d (pid %d) serving", self.index, os.getpid())
 
     def install_signal_handlers(self):
@@ -437,18 +479,18 @@ class Worker:
         self.reload_wanted = True                 # done in the loop's tick, not here
 
     def reload_peers(self):
-        from .peers import load_peer_list
+        """Use the peer set the supervisor published (it logs the change, once per host)."""
         self.reload_wanted = False
-        config, peers = self.config, self.node.peers
-        if not config.peers_file or not hasattr(peers, "update"):
+        peers = self.node.peers
+        if self.peer_board is None or not hasattr(peers, "update"):
             return
         try:
-            urls = load_peer_list(config.peers, config.peers_file)
-        except (OSError, ValueError) as exc:
+            view = self.peer_board.read()
+        except OSError as exc:
             log.error("worker %d: keeping the old peers: %s", self.index, exc)
             return
-        peers.update(urls)
-        log.info("worker %d: %d peers", self.index, len(peers.ring))
+        peers.update(view.peers, view.self_url, view.previous, view.previous_until)
+        log.debug("worker %d: %d peers", self.index, len(peers.ring))
 
     def handle_stop(self, signum, frame):
         """Serving: drain and stop. Booting: stop at once. The boot is interrupted by an

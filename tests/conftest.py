@@ -130,9 +130,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def http_request(port, method, path, body=None, headers=None, timeout=30, host="127.0.0.1"):
-    """(status, body bytes, headers dict) of one request on a fresh connection."""
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+def http_request(port, method, path, body=None, headers=None, timeout=30, host="127.0.0.1",
+                 tls=None):
+    """(status, body bytes, headers dict) of one request on a fresh connection; over HTTPS
+    with ``tls`` = (SSLContext, name to verify the certificate for)."""
+    if tls is None:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    else:
+        from shmcache.tls import NamedHTTPSConnection
+        connection = NamedHTTPSConnection(host, port, server_name=tls[1], context=tls[0],
+                                          timeout=timeout)
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -144,8 +151,11 @@ def http_request(port, method, path, body=None, headers=None, timeout=30, host="
 class Supervised:
     """A real supervisor subprocess (``python -m shmcache.supervisor``) on a free port."""
 
-    def __init__(self, tmp_path, args=(), env=None, port=None, name=None):
+    def __init__(self, tmp_path, args=(), env=None, port=None, name=None, host="127.0.0.1",
+                 tls=None):
         self.port = port or free_port()
+        self.host = host                     # the address requests go to (its --host)
+        self.tls = tls              # (SSLContext, server name): its front speaks HTTPS
         self.name = name or f"{SEGMENT_PREFIX}{uuid.uuid4().hex[:8]}"
         self.dir = tmp_path
         self.extra_args, self.extra_env = list(args), env
@@ -154,11 +164,13 @@ class Supervised:
         self.env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests"),
                     "KCACHE_TEST_DIR": str(tmp_path), **(env or {})}
         self.proc = None
-        self.log_path = tmp_path / f"supervisor-{self.port}.log"
+        self.log_path = tmp_path / (f"supervisor-{self.port}.log" if host == "127.0.0.1"
+                                    else f"supervisor-{host}-{self.port}.log")
 
     def clone(self):
         """A new, unstarted supervisor with the same options, port and segment name."""
-        twin = Supervised(self.dir, self.extra_args, self.extra_env, port=self.port, name=self.name)
+        twin = Supervised(self.dir, self.extra_args, self.extra_env, port=self.port, name=self.name,
+                          host=self.host, tls=self.tls)
         twin.url = getattr(self, "url", None)
         return twin
 
@@ -177,7 +189,8 @@ class Supervised:
             if self.proc.poll() is not None:
                 raise AssertionError(f"supervisor exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if http_request(self.port, "GET", "/healthz", timeout=5)[0] == 200:
+                if http_request(self.port, "GET", "/healthz", timeout=5, host=self.host,
+                                tls=self.tls)[0] == 200:
                     return
             except OSError:
                 pass
@@ -191,7 +204,8 @@ class Supervised:
             return ""
 
     def request(self, method, path, body=None, headers=None, timeout=30):
-        return http_request(self.port, method, path, body, headers, timeout)
+        return http_request(self.port, method, path, body, headers, timeout, self.host,
+                            tls=self.tls)
 
     def get(self, group, key, timeout=30):
         from urllib.parse import quote
@@ -272,18 +286,20 @@ def supervised(tmp_path):
 def cluster(tmp_path):
     """cluster(count, args, env) -> [Supervised, ...], each listing all as --peers (or what
     ``peer_lists(urls)`` gives each); they share tmp_path, so the counting app's calls.log
-    covers the whole cluster (host = its URL)."""
+    covers the whole cluster (host = its URL). With ``tls`` (as Supervised's), the URLs are
+    https:// and ``args`` should carry the TLS options."""
     made = []
 
-    def start(count=3, args=(), env=None, peer_lists=None):
+    def start(count=3, args=(), env=None, peer_lists=None, tls=None):
         ports = [free_port() for _ in range(count)]
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        urls = [f"{'https' if tls else 'http'}://127.0.0.1:{port}" for port in ports]
         hosts = []
         lists = peer_lists(urls) if peer_lists else [urls] * count
         for index, port in enumerate(ports):
             peer_urls = lists[index]
             instance = Supervised(tmp_path, [*args, "--peers", ",".join(peer_urls)],
-                                  {**(env or {}), "KCACHE_TEST_HOST": urls[index]}, port=port)
+                                  {**(env or {}), "KCACHE_TEST_HOST": urls[index]}, port=port,
+                                  tls=tls)
             instance.url = urls[index]
             made.append(instance)
             hosts.append(instance.start(wait=False))

@@ -198,27 +198,45 @@ def test_base_path_can_be_groupcaches(cluster):
     assert [h for _p, h, k in hosts[0].calls_with_hosts() if k == key] == [hosts[1].url]
 
 
-def test_peers_file_is_reloaded_on_sighup(cluster, tmp_path):
-    peers_file = tmp_path / "peers.txt"
+def workers_using(host, count):
+    """Indexes of the host's workers whose peer set has ``count`` peers now (they say so at
+    boot and at each change, at debug level)."""
+    last = {}
+    for index, peers in re.findall(r"worker (\d+): (\d+) peers", host.log()):
+        last[index] = int(peers)
+    return {index for index, peers in last.items() if peers == count}
 
+
+def wait_for_workers_using(host, count, workers=4, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(workers_using(host, count)) < workers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(workers_using(host, count)) == workers, host.log()
+
+
+def two_hosts_a_alone_in_its_peers_file(cluster, peers_file, args):
     def lists(urls):
         peers_file.write_text(f"# only itself at first\n{urls[0]}\n")
         return [[], urls]
-    a, b = cluster(2, APP + ["--hot-fraction", "0", "--peers-file", str(peers_file)],
-                   peer_lists=lists)
+    a, b = cluster(2, APP + ["--hot-fraction", "0", "--log-level", "debug",
+                             "--peers-file", str(peers_file), *args], peer_lists=lists)
     ring = Ring([a.url, b.url])
     b_keys = iter(k for k in (f"reload-{i}" for i in range(1000)) if ring.owner_of(k) == b.url)
     before = next(b_keys)
     assert a.get("test", before)[0] == 200
     assert [h for _p, h, k in a.calls_with_hosts() if k == before] == [a.url]   # A alone
+    return a, b, b_keys
+
+
+def test_peers_file_is_reloaded_on_sighup(cluster, tmp_path):
+    peers_file = tmp_path / "peers.txt"
+    a, b, b_keys = two_hosts_a_alone_in_its_peers_file(cluster, peers_file,
+                                                       ["--peers-refresh", "3600"])
     peers_file.write_text(f"{a.url}\n{b.url}  # now both\n")
     a.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 30
-    while (len(re.findall(r"worker \d+: 2 peers", a.log())) < 4       # all 4 workers, not the
-           and time.monotonic() < deadline):                           # supervisor's own line
-        time.sleep(0.05)
-    assert len(re.findall(r"worker \d+: 2 peers", a.log())) == 4
-    assert "SIGHUP: 2 peers" in a.log()
+    wait_for_workers_using(a, 2)
+    assert a.log().count("SIGHUP: 2 peers") == 1
+    assert a.log().count("peers changed") == 1              # once for the host, not per worker
     after = next(b_keys)
     assert a.get("test", after)[0] == 200
     assert [h for _p, h, k in a.calls_with_hosts() if k == after] == [b.url]   # now B's
@@ -231,6 +249,25 @@ def test_peers_file_is_reloaded_on_sighup(cluster, tmp_path):
     last = next(b_keys)
     assert a.get("test", last)[0] == 200
     assert [h for _p, h, k in a.calls_with_hosts() if k == last] == [b.url]
+
+
+def test_a_changed_peers_file_is_used_without_sighup(cluster, tmp_path):
+    peers_file = tmp_path / "peers.txt"
+    a, b, b_keys = two_hosts_a_alone_in_its_peers_file(cluster, peers_file,
+                                                       ["--peers-refresh", "0.2"])
+    peers_file.write_text(f"{a.url}\n{b.url}  # now both\n")
+    wait_for_workers_using(a, 2)
+    assert a.log().count("peers changed") == 1
+    after = next(b_keys)
+    assert a.get("test", after)[0] == 200
+    assert [h for _p, h, k in a.calls_with_hosts() if k == after] == [b.url]
+    peers_file.write_text("not a url\n")                   # a bad file: kept, logged once
+    time.sleep(1.5)
+    assert a.log().count("keeping the old peers") == 1
+    peers_file.write_text(f"{a.url}\n")                    # fixed: A alone again
+    wait_for_workers_using(a, 1)
+    assert f"{peers_file} gives peers again" in a.log()
+    assert a.log().count("peers changed") == 2
 
 
 def test_a_404_from_the_owner_is_not_found_not_a_local_load(cluster):
