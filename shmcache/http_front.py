@@ -21,8 +21,9 @@ two more headers:
     X-Cache: stale
     Age: <whole seconds since the value was loaded: the group's ttl + time past its expiry>
 
-Fresh answers have neither. The peer route answers a stale value with its (past) ``expire``;
-a batch get serves stale values as GET does, unmarked.
+Fresh answers have neither. The peer route answers a stale value with its (past) ``expire``
+(but a ``?peek=1`` only a fresh one: a peek starts no refresh); a batch get serves stale
+values as GET does, unmarked.
 
 ``<group>`` and ``<key>`` are percent-escaped by the sender (``quote(s, safe="")``) and
 decoded here with ``unquote`` (never ``unquote_plus``); the key may contain ``/``.
@@ -507,7 +508,9 @@ class Front:
         if method == "GET":
             peek_only = parse_qs(request.query).get("peek") == ["1"]
             node.store.count(group, SERVER_REQUESTS)
-            hit = node.peek(group, key) or node.peek_stale(group, key, from_peer=True)
+            hit = node.peek(group, key)
+            if hit is None and not peek_only:     # a peek refreshes nothing: fresh values only
+                hit = node.peek_stale(group, key, from_peer=True)
             if hit is not None:
                 return render(200, encode_get_response(hit[0], hit[1]), content_type=PROTOBUF)
             if peek_only:                       # ?peek=1: from memory only (discovery.py)

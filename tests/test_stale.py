@@ -137,6 +137,7 @@ def test_after_the_ttl_gets_answer_the_old_value_at_once_while_one_load_refreshe
     answer = first_stale_answer(server, "stale", "k", b"k@1")
     assert int(answer[2]["Age"]) >= 0
     wait_for(lambda: len(calls_of(server, "k")) == 2, "the refresh to start")
+    assert server.request("GET", "/_kcache/stale/k?peek=1")[0] == 404   # peeks: fresh only
 
     # The refresh is held: many gets from several processes, through the front and from
     # connect() clients, all answer the old value at once, and none loads again.
