@@ -17,7 +17,8 @@ each atomic with respect to each other. The interleavings that matter:
                    takes slot S's lock byte, writes LOADING, unlocks. B takes the write lock
                    after, finds S LOADING for K, joins (waiters += 1). One load.
   store vs claim   A stores K's value, then marks S done. B, claiming later, re-reads the
-                   cache under the write lock first, so it sees the value, not a free slot.
+                   cache under the write lock first, so it sees the value, not a free slot
+                   (or the remembered not-found A stored instead: B answers NotFound).
   finish vs join   A marks S done under the write lock; a joiner after that finds no LOADING
                    slot and claims afresh (a new load: "the next get retries" after an error).
   loader dies      the kernel drops A's byte lock; waiter W's poll takes it, sees S still
@@ -52,6 +53,7 @@ import xxhash
 
 from .arena import INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS
 from .errors import LoadError, LoadTimeout, NotFound
+from .reader import NOT_FOUND
 
 log = logging.getLogger("shmcache")
 
@@ -113,6 +115,8 @@ class HostFlights:
             action, slot, ticket, value = self.store.locked(self._claim_or_join, gid, key)
             if action == "hit":
                 return value
+            if action == "not_found":
+                raise _remembered(key)
             if action == "untracked":            # table full: load without host-wide dedup
                 return loader()
             if action == "wait":
@@ -137,6 +141,8 @@ class HostFlights:
             action, slot, ticket, value = self.store.locked(self._claim_or_join, gid, key)
             if action == "hit":
                 return value
+            if action == "not_found":
+                raise _remembered(key)
             if action == "untracked":
                 return await loader()
             if action == "wait":
@@ -256,7 +262,9 @@ class HostFlights:
         return [(start + step) % INFLIGHT_SLOTS for step in range(PROBE)]
 
     def _claim_or_join(self, gid, key):
-        value = self.store.index.lookup_locked(gid, key, time.time())
+        value = self.store.index.lookup_locked(gid, key, time.time(), negative=NOT_FOUND)
+        if value is NOT_FOUND:                   # remembered: the getter said no such key
+            return "not_found", None, None, None
         if value is not None:
             return "hit", None, None, value
         buf, now = self.buf, time.time()
@@ -350,4 +358,9 @@ class HostFlights:
 
 
 _TAKE_OVER, _LOAD_HERE, _RETRY, _PENDING = object(), object(), object(), object()  # _poll's
+
+
+def _remembered(key):
+    return NotFound(f"{bytes(key).decode(errors='replace')[:100]} does not exist "
+                    f"(remembered not-found)")
 

@@ -23,6 +23,7 @@ from .lru_index import encode_key
 from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER_ERRORS,
                       PEER_LOADS, host_stats, processes)
 from .peers import PeerError
+from .reader import NOT_FOUND
 from .singleflight import Flights, HostFlights
 from .store import Store
 
@@ -85,19 +86,24 @@ class Node:
         return self.groups.get(name)
 
     def peek(self, group, key):
-        """(value, expiry, is_hot_copy) from shared memory, or None; never blocks."""
+        """(value, expiry, is_hot_copy) from shared memory, NOT_FOUND for a remembered
+        not-found (the group's not_found_ttl), or None; never blocks."""
         return self.store.get_with_expiry(group, key)
 
     def get_future(self, group, key, from_peer=False):
-        """Future of (value, expiry) for a missed key: one per key per process at a time."""
+        """Future of (value, expiry) for a missed key: one per key per process at a time.
+        A get that comes after a flush of the group does not join a load from before it
+        (the group's generation is part of the flight's name)."""
         self.store.count(group, LOADS)
-        return self.flights.run((group, key, from_peer),
+        return self.flights.run((group, key, from_peer, self.store.generation(group)),
                                 lambda: self.pool.submit(self._get_slow, group, key, from_peer))
 
     def _get_slow(self, group, key, from_peer):
         """Steps 2 and 3 of the Get path. Requests from peers are never forwarded again."""
         self.store.count(group, LOADS_DEDUPED)
         hit = self.store.recheck(group, key)
+        if hit is NOT_FOUND:
+            raise NotFound(f"{group}/{key[:100]} does not exist (remembered not-found)")
         if hit is not None:
             return hit[0], hit[1]
         if not from_peer:
@@ -112,6 +118,7 @@ class Node:
         """(value, expiry) from the owner; None to load locally instead (groupcache's
         fallback) when the owner cannot be reached or fails. NotFound passes through."""
         version = self.store.version(group, key)
+        generation = self.store.generation(group)      # a flush while fetching: no hot copy
         try:
             value, expiry = owner.fetch(group, key)
         except PeerUnavailable as exc:
@@ -130,7 +137,7 @@ class Node:
         self.peers.health.succeeded(owner.url)
         if self.hot_fraction and random.random() < self.hot_fraction:
             try:
-                self.store.set_hot(group, key, value, expiry, version)
+                self.store.set_hot(group, key, value, expiry, version, generation)
             except ValueTooLarge:
                 pass
         return value, expiry
@@ -142,7 +149,7 @@ class Node:
 
         def load_and_store():
             try:
-                value = target.load(key)
+                value = target.load_into(self.store, key)
             except NotFound:
                 self.store.count(group, LOCAL_LOADS)      # the getter answered: "no such key"
                 raise
@@ -150,10 +157,6 @@ class Node:
                 self.store.count(group, LOCAL_LOAD_ERRORS)
                 raise
             self.store.count(group, LOCAL_LOADS)
-            try:
-                self.store.set(group, key, value)          # the group's TTL applies
-            except ValueTooLarge as exc:
-                log.info("not caching %s/%s: %s", group, key, exc)
             return value
         return self.host_flights.load(gid, encode_key(key), load_and_store)
 
@@ -198,12 +201,36 @@ class Node:
         failed, answers = {}, {}
         deleted = self.store.delete(group, key)
         if owner is not None:
-            failed.update(self._broadcast([owner], "remove", group, key, answers))
+            failed.update(self._broadcast([owner], "remove", group, key, answers=answers))
         others = [peer for peer in self.peers.others() if peer is not owner]
         failed.update(self._broadcast(others, "remove", group, key))
         # Whether the key was there: on its owner (this host when no other owns it).
         return {"deleted": deleted if owner is None else answers.get(owner.url, False),
                 "failed_peers": failed}
+
+    def clear_everywhere(self, group):
+        """Flush: drop every entry of ``group`` (hot copies included) on every host.
+
+        The other hosts first, then this one. Racing gets cannot leave a value from before
+        the flush cached here once it returns:
+
+        * a load here that asked the getter before our clear stores nothing after it: the
+          clear moves the group's generation on (Group.load_into);
+        * a hot copy here fetched from an owner before that owner's clear is either
+          stored before our clear, which drops it, or after, and then not at all: the
+          fetch read our generation before our clear (``_fetch_from_owner``); a fetch
+          that starts after our clear reaches owners that are already flushed;
+        * a get here after the flush joins no load from before it: the in-process flight
+          is named by generation, and a host-wide load from before stores nothing, so
+          the processes waiting for it load again.
+
+        Other hosts hold the same for loads of their own. What is left there: while this
+        host's own clear is under way, another host may fetch a pre-flush value this host
+        owns and keep it as a hot copy (it lasts until its TTL, eviction, or a write of the
+        key). Hosts that failed are named, as for a delete."""
+        failed = self._broadcast(self.peers.others(), "clear", group)
+        self.store.clear(group)
+        return {"cleared": True, "failed_peers": failed}
 
     def run_all(self, function, calls, limit=BATCH_CONCURRENCY):
         """One Future per ``function(*args)`` of ``calls``, in order. They run on the pool,
@@ -228,10 +255,10 @@ class Node:
             self.pool.submit(runner)
         return outcomes
 
-    def _broadcast(self, peers, method, group, key, answers=None):
-        """Call ``method`` on every peer at once; {url: error} of those that failed. What
-        each peer's call returned goes into ``answers`` ({url: result}) if given."""
-        futures = {peer: self.fanout.submit(getattr(peer, method), group, key) for peer in peers}
+    def _broadcast(self, peers, method, *args, answers=None):
+        """Call ``method(*args)`` on every peer at once; {url: error} of those that failed.
+        What each peer's call returned goes into ``answers`` ({url: result}) if given."""
+        futures = {peer: self.fanout.submit(getattr(peer, method), *args) for peer in peers}
         failed = {}
         for peer, future in futures.items():
             try:
@@ -365,8 +392,8 @@ class Worker:
         if self.app_factory is not None:   # per-process resources, made after fork
             from .group import check_groups
             groups = check_groups(list(self.app_factory()), "--app")
-            wanted = {(g.name, g.cache_bytes, g.ttl) for g in self.groups}
-            if {(g.name, g.cache_bytes, g.ttl) for g in groups} != wanted:
+            wanted = {(g.name, g.cache_bytes, g.ttl, g.not_found_ttl) for g in self.groups}
+            if {(g.name, g.cache_bytes, g.ttl, g.not_found_ttl) for g in groups} != wanted:
                 raise RuntimeError("--app returned different groups in the worker than in "
                                    "the supervisor")
         config = self.config
