@@ -220,9 +220,10 @@ class Node:
           stored before our clear, which drops it, or after, and then not at all: the
           fetch read our generation before our clear (``_fetch_from_owner``); a fetch
           that starts after our clear reaches owners that are already flushed;
-        * a get here after the flush joins no load from before it: the in-process flight
-          is named by generation, and a host-wide load from before stores nothing, so
-          the processes waiting for it load again.
+        * a get here after the flush joins no load from before it, and so neither waits
+          for nor shares a pre-flush answer: the in-process flight is named by the
+          generation, and the host-wide claim joins only a load of the same generation
+          (singleflight.py).
 
         Other hosts hold the same for loads of their own. What is left there: while this
         host's own clear is under way, another host may fetch a pre-flush value this host

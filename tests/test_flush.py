@@ -120,21 +120,37 @@ def test_flush_needs_the_token_and_keeps_the_other_routes(supervised):
         assert cache.peek("test", "b") is None
 
 
-def test_a_flush_racing_a_slow_load_does_not_leave_the_old_value_cached(supervised, tmp_path):
+@pytest.mark.parametrize("get_after_flush", [False, True])
+def test_a_flush_racing_a_slow_load_does_not_leave_the_old_value_cached(
+        supervised, tmp_path, get_after_flush):
     host = supervised(["--app", "apps.counting:groups", "--workers", "2"])
     key = "gate-versioned-flush"
     (tmp_path / "version").write_text("1")
-    answers = []
-    loading = threading.Thread(target=lambda: answers.append(host.get("test", key)[:2]))
+    before, after = [], []
+    loading = threading.Thread(target=lambda: before.append(host.get("test", key)[:2]))
     loading.start()
-    wait_until(lambda: [k for _pid, k in host.calls() if k == key])   # the getter read "1"
+    wait_until(lambda: calls_of(host, key) == 1)                # the getter read "1"
     (tmp_path / "version").write_text("2")
     status, body, _ = host.request("DELETE", "/cache/test")
     assert (status, json.loads(body)) == (200, {"cleared": True, "failed_peers": {}})
+    if get_after_flush:              # does not wait for the load from before the flush:
+        later = threading.Thread(target=lambda: after.append(host.get("test", key)[:2]))
+        later.start()
+        wait_until(lambda: calls_of(host, key) == 2)            # its own, reading "2"
     open_gate(tmp_path, key)
     loading.join(60)
-    assert answers == [(200, f"value-of-{key}@1".encode())]   # it began before the flush
-    with shmcache.connect(name=host.name) as cache:
-        assert cache.peek("test", key) is None                 # but it is not kept
-    assert host.get("test", key)[:2] == (200, f"value-of-{key}@2".encode())
-    assert [k for _pid, k in host.calls()].count(key) == 2
+    assert before == [(200, f"value-of-{key}@1".encode())]    # it began before the flush
+    if get_after_flush:
+        later.join(60)
+        assert after == [(200, f"value-of-{key}@2".encode())]
+        with shmcache.connect(name=host.name) as cache:
+            assert cache.peek("test", key) == f"value-of-{key}@2".encode()
+    else:
+        with shmcache.connect(name=host.name) as cache:
+            assert cache.peek("test", key) is None             # but it is not kept
+        assert host.get("test", key)[:2] == (200, f"value-of-{key}@2".encode())
+    assert calls_of(host, key) == 2
+
+
+def calls_of(host, key):
+    return [k for _pid, k in host.calls()].count(key)

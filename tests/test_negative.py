@@ -14,13 +14,9 @@ import shmcache
 from shmcache import Group
 from shmcache.errors import InvalidArgument, NotFound
 from test_cluster import APP, owner
-from test_flush import wait_until
+from test_flush import calls_of, wait_until
 
 COUNTING = ["--app", "apps.counting:groups", "--workers", "4"]
-
-
-def calls_of(host, key):
-    return [k for _pid, k in host.calls()].count(key)
 
 
 @pytest.mark.parametrize("seconds", [0, -1, True, "5", 1e9, float("nan")])
