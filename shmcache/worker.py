@@ -209,28 +209,30 @@ class Node:
                 "failed_peers": failed}
 
     def clear_everywhere(self, group):
-        """Flush: drop every entry of ``group`` (hot copies included) on every host.
+        """Flush: drop every entry of ``group`` (hot copies included) on every host, in two
+        rounds, each clearing every host (the others at once, then this one), the second
+        once the first is done everywhere. Once it returns, no host that answered holds a
+        value from before the flush, whatever gets raced it:
 
-        The other hosts first, then this one. Racing gets cannot leave a value from before
-        the flush cached here once it returns:
+        * a load that asked the getter before its host's clear stores nothing after it:
+          the clear moves the group's generation on (Group.load_into);
+        * a get after a clear joins no load from before it, and so neither waits for nor
+          shares a pre-flush answer: the in-process flight is named by the generation,
+          and the host-wide claim joins only a load of the same generation
+          (singleflight.py);
+        * a hot copy, though, is a value fetched from its owner, and in one round host B
+          may fetch from owner C after B's clear but before C's, keeping a pre-flush
+          value. The second round drops it: a hot copy stored after B's second clear
+          was fetched after it (the fetch reads B's generation first and ``set_hot``
+          checks it), so after the first round ended on C, and C answers only with what
+          it loaded or was sent since.
 
-        * a load here that asked the getter before our clear stores nothing after it: the
-          clear moves the group's generation on (Group.load_into);
-        * a hot copy here fetched from an owner before that owner's clear is either
-          stored before our clear, which drops it, or after, and then not at all: the
-          fetch read our generation before our clear (``_fetch_from_owner``); a fetch
-          that starts after our clear reaches owners that are already flushed;
-        * a get here after the flush joins no load from before it, and so neither waits
-          for nor shares a pre-flush answer: the in-process flight is named by the
-          generation, and the host-wide claim joins only a load of the same generation
-          (singleflight.py).
-
-        Other hosts hold the same for loads of their own. What is left there: while this
-        host's own clear is under way, another host may fetch a pre-flush value this host
-        owns and keep it as a hot copy (it lasts until its TTL, eviction, or a write of the
-        key). Hosts that failed are named, as for a delete."""
-        failed = self._broadcast(self.peers.others(), "clear", group)
-        self.store.clear(group)
+        Hosts that failed are named, as for a delete, and not asked again."""
+        failed = {}
+        for _round in range(2):
+            others = [peer for peer in self.peers.others() if peer.url not in failed]
+            failed.update(self._broadcast(others, "clear", group))
+            self.store.clear(group)
         return {"cleared": True, "failed_peers": failed}
 
     def run_all(self, function, calls, limit=BATCH_CONCURRENCY):
