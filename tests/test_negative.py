@@ -53,8 +53,35 @@ def test_an_embedded_getters_not_found_is_remembered_until_a_set_or_delete(segme
             with pytest.raises(NotFound):
                 cache.get("plain", "nobody")                    # off by default
         assert calls == ["nobody"] * 4
-        assert cache.add("g", "fresh", b"1") and cache.incr("g", "absent") is None
         cache._live_store().audit()
+
+
+def test_a_remembered_not_found_reads_alike_lock_free_and_under_the_lock(make_cache,
+                                                                          monkeypatch):
+    from shmcache import reader
+    from shmcache.reader import NOT_FOUND
+    from shmcache.slabs import STATE_NEGATIVE
+    cache = make_cache()
+    store = cache._live_store()
+    assert store.remember_not_found("g", "gone", 600) is True
+    for walk in (64, 0):                         # 0: every walk "too long", read locked
+        monkeypatch.setattr(reader, "MAX_CHAIN", walk)
+        assert store.get_with_expiry("g", "gone") is NOT_FOUND
+        assert store.recheck("g", "gone") is NOT_FOUND
+        assert cache.peek("g", "gone") is None
+    monkeypatch.setattr(reader, "MAX_CHAIN", 64)
+    counts = cache.stats()["groups"]["g"]
+    assert (counts["negative_hits"], counts["misses"], counts["hits"]) == (2, 2, 0)
+    assert counts["gets"] == 4 and counts["items"] == 1
+    now = time.time()                            # one that has expired is a plain miss
+    gid = store.group_id("g")
+    store.locked(store.index.store, gid, b"old", b"", now - 1, now, STATE_NEGATIVE)
+    assert store.get_with_expiry("g", "old") is None
+    assert cache.touch("g", "gone", 60) is False and cache.incr("g", "gone") is None
+    assert store.get_with_expiry("g", "gone") is NOT_FOUND      # neither changed it
+    assert cache.add("g", "gone", b"1") is True                 # nor is it a value to add to
+    assert cache.incr("g", "gone") == 2
+    store.audit()
 
 
 def test_a_hot_missing_key_calls_the_getter_once_for_every_process(supervised):
