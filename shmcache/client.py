@@ -158,13 +158,8 @@ class Client:
 
     @staticmethod
     def _load_and_store(store, group, key):
-        """``group``'s getter's value for ``key``, stored in ``store`` (with the group's TTL)."""
-        value = group.load(key if isinstance(key, str) else _key_text(key))
-        try:
-            store.set(group.name, key, value)
-        except ValueTooLarge:
-            pass                                           # answered, not cached
-        return value
+        """``group``'s getter's value for ``key``, stored in ``store`` (Group.load_into)."""
+        return group.load_into(store, key if isinstance(key, str) else _key_text(key))
 
     def _host_flights(self, store):
         """The host-wide singleflight of ``store``, one per client and segment."""
@@ -351,8 +346,20 @@ class Client:
         return write_answer(f"{method} {group}/{key}", status, data)
 
     def clear(self, group: str | None = None) -> None:
-        """Remove every entry of ``group`` (of every group when None) in this segment."""
-        self._write(self._live_store(), Store.clear, group)
+        """Remove every entry of ``group`` (of every group when None). On a host alone,
+        in this segment; on a host with peers, on every host, through the front (a flush:
+        PeerUnavailable, after the others are flushed, if a peer failed); a group the front
+        does not serve is cleared in this segment only."""
+        store = self._live_store()
+        if not self._clustered(store):
+            self._write(store, Store.clear, group)
+            return
+        for name in [group] if group is not None else list(store.index.groups()):
+            try:
+                status, data = self._front_call("DELETE", front_path(name))
+                write_answer(f"flush of {name!r}", status, data)
+            except UnknownGroup:
+                self._write(store, Store.clear, name)
 
     def define_group(self, name: str, cache_bytes: int | str, ttl: float | None = None,
                      getter: "Callable[[str], bytes | str] | None" = None,

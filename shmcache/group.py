@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote
 
-from .errors import InvalidArgument, LoadError, NotFound
+from .errors import InvalidArgument, LoadError, NotFound, ValueTooLarge
 from .units import parse_size
 
 GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -31,11 +31,15 @@ class Group:
     while one load per host reloads it in the background (stale-while-revalidate); if the
     reload fails, the old value is served on until the window ends (stale-if-error). It
     applies to entries that expire: those of a group with a ``ttl``, or set with one.
+    ``not_found_ttl`` (seconds; None = off) remembers a getter's KeyError that long, for
+    every process of the host: gets of the key answer not-found without calling the
+    getter until then, or until a set or delete of the key.
     """
 
     def __init__(self, name: str, cache_bytes: int | str = DEFAULT_CACHE_BYTES,
                  getter: Callable[[str], bytes | str] | None = None,
-                 ttl: float | None = None, stale: float | None = None) -> None:
+                 ttl: float | None = None, stale: float | None = None,
+                 not_found_ttl: float | None = None) -> None:
         if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
             raise InvalidArgument(f"bad group name {name!r}: 1 to 64 of letters, digits, "
                                   f"'_', '.', '-'")
@@ -44,19 +48,51 @@ class Group:
         self.name = name
         self.cache_bytes = parse_size(cache_bytes)
         self.getter = getter
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                                or not 0 < ttl < 1e9):
-            raise InvalidArgument(f"ttl of group {name!r} must be positive seconds or None")
+        for option, seconds in (("ttl", ttl), ("not_found_ttl", not_found_ttl)):
+            if seconds is not None and (isinstance(seconds, bool)
+                                        or not isinstance(seconds, (int, float))
+                                        or not 0 < seconds < 1e9):
+                raise InvalidArgument(f"{option} of group {name!r} must be positive seconds "
+                                      f"or None")
         self.ttl = ttl
         if stale is not None and (isinstance(stale, bool) or not isinstance(stale, (int, float))
                                   or not 0 <= stale < 1e9):
             raise InvalidArgument(f"stale of group {name!r} must be seconds (0 or None: off)")
         self.stale = stale or None
+        self.not_found_ttl = not_found_ttl
         self._failures = FailureLog(name)
 
     def __repr__(self):
         return (f"Group({self.name!r}, cache_bytes={self.cache_bytes}, ttl={self.ttl}, "
-                f"stale={self.stale})")
+                f"stale={self.stale}, not_found_ttl={self.not_found_ttl})")
+
+    def load_into(self, store, key: str) -> bytes:
+        """Call the getter (``load``) and keep its answer in ``store``: the value, with the
+        group's TTL, or, with ``not_found_ttl``, the fact that the key does not exist. Returns
+        the value or raises as ``load``. A value too large for the store is returned, not kept.
+
+        The group's generation is read before the getter runs and the answer is kept only
+        if it is unchanged: a clear (a flush) of the group while the getter ran means the
+        answer may predate the clear, and it must not outlive it::
+
+            loader: g = generation ... getter runs ........ lock: generation == g? store
+            flush:              lock: generation += 1, drop every entry; unlock; answer
+
+        The loader's lock step comes after the flush's: generation != g, nothing stored.
+        A getter that starts after the flush's lock step reads the new generation, and
+        its answer is one asked for after the flush began."""
+        generation = store.generation(self.name)
+        try:
+            value = self.load(key)
+        except NotFound:
+            if self.not_found_ttl:
+                store.remember_not_found(self.name, key, self.not_found_ttl, generation)
+            raise
+        try:
+            store.set(self.name, key, value, generation=generation)   # the group's TTL
+        except ValueTooLarge as exc:
+            log.info("not caching %s/%s: %s", self.name, key[:100], exc)
+        return value
 
     def load(self, key: str) -> bytes:
         """Call the getter: bytes, or NotFound (KeyError) / LoadError (anything else)."""

@@ -2,13 +2,20 @@
 
 Routes (DESIGN.md):
 
-    GET    /cache/<group>/<key>      raw value; 404 if absent (after trying to load)
+    GET    /cache/<group>/<key>      raw value; 404 if absent (after trying to load), or
+                                     remembered absent (the group's not_found_ttl)
     PUT    /cache/<group>/<key>      body = value, ?ttl=SECONDS
     DELETE /cache/<group>/<key>
-    GET    <base>/<group>/<key>      protobuf GetResponse (peer route; never forwarded)
+    DELETE /cache/<group>            flush: the group's entries on every host, hot copies
+                                     too -> 200 {"cleared": true, "failed_peers": {}}; 502
+                                     with the failed peers in "failed_peers" ({url: reason})
+                                     if some host could not be flushed (the others are)
+    GET    <base>/<group>/<key>      protobuf GetResponse (peer route; never forwarded);
+                                     404 from a not-found the owner remembers, too
     PUT    <base>/<group>/<key>      protobuf SetRequest  (peer-side set)
     DELETE <base>/<group>/<key>      peer-side remove; answers "deleted" or "absent"
-    GET    /healthz, /stats
+    DELETE <base>/<group>            peer-side flush of this host only; answers "cleared"
+    GET    /healthz, /stats, /metrics
     POST   /cache/<group>?op=get     batches, JSON bodies (below)
     POST   /cache/<group>?op=set
     POST   /cache/<group>?op=delete
@@ -54,7 +61,8 @@ At most MAX_BATCH_KEYS (10,000) keys a request, each valid as in a single reques
 --max-key-bytes UTF-8 bytes); a key given twice is answered once. A POST body may be 64 MiB
 (more if --max-item-size needs it: batch.max_batch_body), else 413. Unknown group: 404. A
 missing or unknown op, malformed JSON, a wrong shape, unknown fields, bad base64 or a bad
-ttl: 400. Writes need the token. Other methods on /cache/<group> are not batches.
+ttl: 400. Writes need the token. DELETE /cache/<group> is the flush (a write, so it needs
+the token too); GET and PUT of /cache/<group> answer 400.
 """
 
 import hmac
@@ -76,6 +84,7 @@ from .arena import MAX_KEY_BYTES
 from .group import GROUP_NAME
 from .lru_index import encode_key
 from .metrics import SERVER_REQUESTS, prometheus_text
+from .reader import NOT_FOUND
 from .stale import stale_headers
 
 log = logging.getLogger("shmcache")
@@ -308,6 +317,8 @@ class Front:
         method = request.method
         if method == "POST" and "/" not in rest:
             return self._batch(request, rest)
+        if method == "DELETE" and "/" not in rest:
+            return self._flush(rest, self.node.clear_everywhere, self._cluster_answer)
         if method not in ("GET", "HEAD", "PUT", "DELETE"):
             return error(405, f"{method} not allowed on /cache/",
                          headers=[("Allow", "GET, HEAD, PUT, DELETE")])
@@ -319,6 +330,8 @@ class Front:
         if method in ("GET", "HEAD"):
             head = method == "HEAD"
             hit = node.peek(group, key)
+            if hit is NOT_FOUND:
+                return _not_found(group, key)
             if hit is not None:
                 return render(200, hit[0], content_type=OCTETS, head=head)
             hit = node.peek_stale(group, key)
@@ -343,6 +356,17 @@ class Front:
             deleted = node.delete(group, key)
             return render(200, json.dumps({"deleted": deleted}) + "\n", content_type=JSON)
         return then(node.pool.submit(node.delete_everywhere, group, key), self._cluster_answer)
+
+    def _flush(self, rest, clear, answer):
+        """``DELETE /cache/<group>`` (``clear`` every host's entries) or ``DELETE
+        <base>/<group>`` (this host's, for a peer's flush); on the pool, the answer made by
+        ``answer(done)``."""
+        try:
+            group = _unescape(rest, rest)
+            self._check_group(group)
+        except _Answer as response:
+            return response.response
+        return then(self.node.pool.submit(clear, group), answer)
 
     @staticmethod
     def _cluster_answer(done):
@@ -371,8 +395,9 @@ class Front:
             status = load_status(exc)
             if status is None:
                 raise
-            return error(status, f"{group}/{key[:100]} not found"
-                         if isinstance(exc, NotFound) else str(exc))
+            if isinstance(exc, NotFound):
+                return _not_found(group, key)
+            return error(status, str(exc))
         return self._value_answer(group, value, expiry, head)
 
     def _value_answer(self, group, value, expiry, head):
@@ -424,21 +449,25 @@ class Front:
     def _batch_get(self, group, keys):
         """Hits answered from memory; the misses loaded at once, each as a single GET."""
         node = self.node
-        values, pending = {}, {}
+        values, pending, missing = {}, {}, []
         for key in keys:
-            hit = node.peek(group, key) or node.peek_stale(group, key)
+            hit = node.peek(group, key)
+            if hit is NOT_FOUND:
+                missing.append(key)
+                continue
+            hit = hit or node.peek_stale(group, key)
             if hit is not None:
                 values[key] = hit[0]
             else:
                 pending[key] = node.get_future(group, key)
         if not pending:
-            return self._batch_get_answer(values, {})
+            return self._batch_get_answer(values, {}, missing)
         return then(all_done(list(pending.values())),
-                    lambda _done: self._batch_get_answer(values, pending))
+                    lambda _done: self._batch_get_answer(values, pending, missing))
 
     @staticmethod
-    def _batch_get_answer(values, pending):
-        missing, errors = [], {}
+    def _batch_get_answer(values, pending, missing):
+        errors = {}
         for key, future in pending.items():
             try:
                 values[key] = future.result()[0]
@@ -500,6 +529,8 @@ class Front:
         if method not in ("GET", "PUT", "DELETE"):
             return error(405, f"{method} not allowed on {self.base_path}",
                          headers=[("Allow", "GET, PUT, DELETE")])
+        if method == "DELETE" and "/" not in rest:      # a peer's flush: this host only
+            return self._flush(rest, self.node.store.clear, _cleared)
         try:
             group, key = self._resolve(rest)
         except _Answer as answer:
@@ -509,6 +540,8 @@ class Front:
             peek_only = parse_qs(request.query).get("peek") == ["1"]
             node.store.count(group, SERVER_REQUESTS)
             hit = node.peek(group, key)
+            if hit is NOT_FOUND:                 # remembered by this host, the owner
+                return _not_found(group, key)
             if hit is None and not peek_only:     # a peek refreshes nothing: fresh values only
                 hit = node.peek_stale(group, key, from_peer=True)
             if hit is not None:
@@ -539,10 +572,19 @@ class Front:
         try:
             value, expiry = done.result()
         except NotFound:
-            return error(404, f"{group}/{key[:100]} not found")
+            return _not_found(group, key)
         except LoadError as exc:
             return error(500, str(exc))
         return render(200, encode_get_response(value, expiry), content_type=PROTOBUF)
+
+
+def _cleared(done):
+    done.result()                       # raises what the clear raised: a 500
+    return render(200, "cleared\n")
+
+
+def _not_found(group, key):
+    return error(404, f"{group}/{key[:100]} not found")
 
 
 def _query(query, allowed):

@@ -23,7 +23,8 @@ suite checks that the hit ratio stays within one point of exact LRU on a Zipf tr
 Item, in a slab chunk (ITEM_HEADER_BYTES = 24)::
 
     0   u32  hash chain: next item ref            \\
-    4   u8   state (slabs: LIVE, HOT or WRITING)   |  word 0: one journaled u64 when a
+    4   u8   state (slabs: LIVE, HOT, NEGATIVE,   |
+                   or WRITING)                     |  word 0: one journaled u64 when a
     5   u8   key length                            |  chunk changes hands
     6   u8   group id                              |
     7   u8   expiry, fraction of a second in 1/256 /
@@ -48,6 +49,7 @@ Group record (GROUP_RECORD_BYTES, at ``groups_off + 256 * group id``)::
     120  u64  sets              128  u64  deletes      (statistics: not journaled)
     136  f64  stale window in seconds (0 = none): how long past its expiry an item may
               still be served stale while it is reloaded (J)
+    144  u64  generation (J): bumped by every clear of the group (see ``clear``)
 
 Buckets: u32 item refs, heads of the hash chains. Stripes: u32 seqlock counters.
 """
@@ -59,7 +61,7 @@ import xxhash
 from .arena import (_OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES,
                     MAX_KEY_BYTES, REFBIT_GRANULE)
 from .errors import InvalidArgument, InvalidKey, ValueTooLarge
-from .slabs import STATE_HOT, STATE_LIVE, STATE_WRITING
+from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, STATE_WRITING
 
 _HEAD = struct.Struct("IBBBBII")     # chain, state, key len, group, expiry frac, expiry s, value len
 _TAIL = struct.Struct("IIII")        # expiry s, value len, ring prev, ring next (offset 8)
@@ -75,7 +77,7 @@ assert _HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRA
 
 _G_BUDGET, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 80, 88, 96, 100
 _G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
-_G_STALE = 136
+_G_STALE, _G_GENERATION = 136, 144
 _I_EXPIRY, _I_PREV, _I_NEXT = 8, 16, 20
 
 MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
@@ -134,8 +136,9 @@ class Index:
     # -- readers ------------------------------------------------------------------------------
     # The lock-free read path is reader.make_reader; this is its fallback under the lock.
 
-    def lookup_locked(self, gid, key, now, with_expiry=False, stale=False):
-        """The reader's lookup for the write-lock holder: no seqlock, no walk limit.
+    def lookup_locked(self, gid, key, now, with_expiry=False, negative=None, stale=False):
+        """The reader's lookup for the write-lock holder: no seqlock, no walk limit. A
+        remembered not-found (STATE_NEGATIVE) answers ``negative`` (None: absent).
         ``stale``: an item past its expiry but within its group's stale window is found too."""
         _link, offset = self._find(self.buckets_off + self._bucket(gid, key) * 4, gid, key)
         gone = self._dead if stale else self._expired
@@ -143,6 +146,8 @@ class Index:
             return None
         _ref, _s, klen, _g, frac, seconds, vlen = _HEAD.unpack_from(self.buf, offset)
         self._set_ref(offset)
+        if _s == STATE_NEGATIVE:
+            return negative
         start = offset + ITEM_HEADER_BYTES + klen
         value = self.buf[start:start + vlen]
         if with_expiry:
@@ -184,11 +189,15 @@ class Index:
 
     # -- writers ----------------------------------------------------------------------------
 
-    def store(self, gid, key, value, expire_at, now, state=STATE_LIVE, unless_changed=None):
+    def store(self, gid, key, value, expire_at, now, state=STATE_LIVE, unless_changed=None,
+              generation=None):
         """Insert or replace ``key``; evicts by budget and by memory. ValueTooLarge if it can
         never fit (the old value, if any, is left in place). ``state`` STATE_HOT marks a copy
-        of another host's value. ``unless_changed``: a stripe version from ``version()``;
-        if anything wrote to the key's stripe since, store nothing and return False."""
+        of another host's value, STATE_NEGATIVE (with an empty value) a remembered
+        not-found. ``unless_changed``: a stripe version from ``version()``; if anything
+        wrote to the key's stripe since, store nothing and return False. ``generation``:
+        the group's ``generation()`` when the value was asked for; if the group was cleared
+        since, store nothing and return False."""
         buf, journal = self.buf, self.journal
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         klen, vlen = len(key), len(value)
@@ -202,6 +211,8 @@ class Index:
                                 f"group {self.group_name(gid)!r}")
         bucket = xxhash.xxh3_64_intdigest(key, self.seeds[gid]) % self.nbuckets
         if unless_changed is not None and self._stripe_seq(bucket) != unless_changed:
+            return False
+        if generation is not None and _U64.unpack_from(buf, group + _G_GENERATION)[0] != generation:
             return False
         class_id = self.slabs.class_for(ITEM_HEADER_BYTES + size)
         bucket_off = self._mark(bucket)
@@ -244,6 +255,11 @@ class Index:
         self._bump(group + _G_SETS)
         return True
 
+    def generation(self, gid):
+        """How many times the group was cleared (a lock-free read of one aligned word)."""
+        return _U64.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES
+                                + _G_GENERATION)[0]
+
     def version(self, gid, key):
         """The key's stripe version: pass it to ``store(unless_changed=...)`` to store only if
         nothing touched the stripe in between (a delete of the key always does)."""
@@ -280,14 +296,20 @@ class Index:
         if not offset:
             return False
         expired = self._expired(offset, now)
+        negative = self.buf[offset + 4] == STATE_NEGATIVE     # not a value: not "deleted"
         self._unlink(offset, link)
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         self._bump(group + (_G_EXPIRATIONS if expired else _G_DELETES))
-        return not expired
+        return not expired and not negative
 
     def clear(self, gid):
-        """Remove every item of the group (checkpointing the journal per item)."""
+        """Remove every item of the group (checkpointing the journal per item), after
+        bumping the group's generation: a load that read the generation before this clear
+        then stores nothing (``store(generation=...)``), so no value asked for before the
+        clear lands after it."""
         group = self.groups_off + gid * GROUP_RECORD_BYTES
+        self.journal.w64(group + _G_GENERATION,
+                         (_U64.unpack_from(self.buf, group + _G_GENERATION)[0] + 1) & (2 ** 64 - 1))
         while True:
             hand = _U32.unpack_from(self.buf, group + _G_HAND)[0]
             if not hand:

@@ -33,9 +33,10 @@ log = logging.getLogger("shmcache")
 # Per group. groupcache's Stats, plus what a shared-memory cache adds.
 KINDS = ("hits", "misses", "hot_hits", "loads", "loads_deduped", "local_loads",
          "local_load_errors", "peer_loads", "peer_errors", "server_requests",
-         "stale_hits", "refresh_errors")
+         "stale_hits", "refresh_errors", "negative_hits")
 HITS, MISSES, HOT_HITS, LOADS, LOADS_DEDUPED, LOCAL_LOADS, LOCAL_LOAD_ERRORS, \
-    PEER_LOADS, PEER_ERRORS, SERVER_REQUESTS, STALE_HITS, REFRESH_ERRORS = range(len(KINDS))
+    PEER_LOADS, PEER_ERRORS, SERVER_REQUESTS, STALE_HITS, REFRESH_ERRORS, \
+    NEGATIVE_HITS = range(len(KINDS))
 PER_GROUP = 16                       # counters reserved per group in a slot
 FLUSH_INTERVAL = 1.0                 # seconds
 _HEADER = struct.Struct("IId")
@@ -179,14 +180,14 @@ def totals(store, max_groups=None):
 
 def host_stats(store):
     """``store.stats()`` with every group's counters summed over the host's processes (this
-    process's flushed first) and ``gets`` = hits + misses."""
+    process's flushed first) and ``gets`` = hits + misses + negative hits."""
     store.counters.flush()
     stats = store.stats()
     counted = totals(store)
     for info in stats["groups"].values():
         counts = counted[info["id"]]
         info.update(counts)
-        info["gets"] = counts["hits"] + counts["misses"]
+        info["gets"] = counts["hits"] + counts["misses"] + counts["negative_hits"]
     return stats
 
 
@@ -256,6 +257,8 @@ GROUP_METRICS = (
      "was reloaded in the background (counted among the hits)."),
     ("refresh_errors", "kcache_refresh_errors_total", "counter",
      "Background reloads of stale values that failed (the stale value is served on)."),
+    ("negative_hits", "kcache_negative_hits_total", "counter",
+     "Gets answered not-found from a remembered not-found (not_found_ttl), no getter called."),
     ("evictions", "kcache_evictions_total", "counter", "Entries evicted for room."),
     ("expirations", "kcache_expirations_total", "counter", "Entries dropped after their TTL."),
     ("sets", "kcache_sets_total", "counter", "Values stored."),

@@ -123,17 +123,25 @@ class PeerClient:
         status, body = self.request("PUT", self.path(group, key),
                                     encode_set_request(group, key, value, expire_at))
         if status != 200:
-            raise PeerError(f"{self.url} answered {status} to a set: "
-                            f"{body[:200].decode(errors='replace').strip()}")
+            raise self._refused(status, body, "a set")
 
     def remove(self, group, key):
         """Remove the key on the peer; False if the peer says it was not there (a peer
         that does not say is taken to have had it)."""
         status, body = self.request("DELETE", self.path(group, key))
         if status != 200:
-            raise PeerError(f"{self.url} answered {status} to a delete: "
-                            f"{body[:200].decode(errors='replace').strip()}")
+            raise self._refused(status, body, "a delete")
         return body.strip() != b"absent"
+
+    def clear(self, group):
+        """Drop every entry of ``group`` on the peer (its part of a flush)."""
+        status, body = self.request("DELETE", f"{self.base_path}{quote(group, safe='')}")
+        if status != 200:
+            raise self._refused(status, body, "a flush")
+
+    def _refused(self, status, body, what):
+        return PeerError(f"{self.url} answered {status} to {what}: "
+                         f"{body[:200].decode(errors='replace').strip()}")
 
     def request(self, method, path, body=None):
         """(status, body). A pooled connection the peer closed meanwhile is retried once."""

@@ -35,8 +35,8 @@ import xxhash
 from .arena import GROUP_RECORD_BYTES, ITEM_HEADER_BYTES, MAX_KEY_BYTES
 from .errors import InvalidKey
 from .lru_index import _F64, _FRACTION, _G_STALE, _HEAD, _U32, encode_key
-from .metrics import HITS, HOT_HITS, MISSES, PER_GROUP
-from .slabs import STATE_HOT
+from .metrics import HITS, HOT_HITS, MISSES, NEGATIVE_HITS, PER_GROUP
+from .slabs import STATE_LIVE, STATE_NEGATIVE
 
 assert PER_GROUP == 16                 # counts[gid << 4 | kind]
 
@@ -44,8 +44,18 @@ READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
 MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
 
 
+class _NotFound:
+    """What a reader built with ``negative=NOT_FOUND`` answers for a remembered not-found."""
+
+    def __repr__(self):
+        return "NOT_FOUND"
+
+
+NOT_FOUND = _NotFound()
+
+
 def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,
-                detour=None, stale=False):
+                detour=None, stale=False, negative=None):
     """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
     costs about a microsecond of Python, so every constant is a local and there is no
     inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it, raises,
@@ -56,7 +66,14 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
     misses and hot-copy hits are counted there. ``with_expiry``: return (value, expiry
     Unix time or None, whether it is a hot copy) instead of the value. ``stale``: an item
     past its expiry but within its group's stale window is returned too (its expiry tells),
-    and ``locked_lookup`` must then find such items as well."""
+    and ``locked_lookup`` must then find such items as well.
+
+    A remembered not-found (an item in STATE_NEGATIVE, odd like the readable states, so
+    the walk finds it as it finds a value) is told apart only after a hit is validated,
+    by the one comparison a hit already made to count hot copies: a plain hit pays
+    nothing for it. It answers ``negative``, counted as a negative hit; with the default
+    None it is an ordinary miss (a peek: whoever loads the key next finds it)."""
+    negative_kind = MISSES if negative is None else NEGATIVE_HITS
     buf, seeds, nbuckets, nstripes = index.buf, index.seeds, index.nbuckets, index.nstripes
     stripes_off, buckets_off, refbits_off = index.stripes_off, index.buckets_off, index.refbits_off
     low = index.pages_off
@@ -121,13 +138,17 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
             mask = 1 << (bit & 7)
             if not buf[byte_off] & mask:            # write only when it changes: hot
                 buf[byte_off] |= mask               # items stay read-only cache lines
-            counts[gid << 4 | HITS] += 1
-            if state == STATE_HOT:
+            if state != STATE_LIVE:
+                if state == STATE_NEGATIVE:
+                    counts[gid << 4 | negative_kind] += 1
+                    return negative
                 counts[gid << 4 | HOT_HITS] += 1
+            counts[gid << 4 | HITS] += 1
             if with_expiry:
-                return value, (seconds + frac * _FRACTION if seconds else None), state == STATE_HOT
+                return value, (seconds + frac * _FRACTION if seconds else None), state != STATE_LIVE
             return value
-        found = locked_lookup(gid, key, with_expiry)
-        counts[gid << 4 | (MISSES if found is None else HITS)] += 1
+        found = locked_lookup(gid, key, with_expiry, negative)
+        counts[gid << 4 | (MISSES if found is None else
+                           negative_kind if found is negative else HITS)] += 1
         return found
     return get

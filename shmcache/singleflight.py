@@ -17,7 +17,8 @@ each atomic with respect to each other. The interleavings that matter:
                    takes slot S's lock byte, writes LOADING, unlocks. B takes the write lock
                    after, finds S LOADING for K, joins (waiters += 1). One load.
   store vs claim   A stores K's value, then marks S done. B, claiming later, re-reads the
-                   cache under the write lock first, so it sees the value, not a free slot.
+                   cache under the write lock first, so it sees the value, not a free slot
+                   (or the remembered not-found A stored instead: B answers NotFound).
   finish vs join   A marks S done under the write lock; a joiner after that finds no LOADING
                    slot and claims afresh (a new load: "the next get retries" after an error).
   loader dies      the kernel drops A's byte lock; waiter W's poll takes it, sees S still
@@ -37,7 +38,12 @@ Slot layout (INFLIGHT_SLOT_BYTES = 512, at ``inflight_off + 512 * slot``)::
     24   u32  waiters still to read the result
     28   u8   group id          29  u8  key length      30  u16  error message length
     32   key (up to 250 bytes)
+    284  u32  the group's generation when the load was claimed (its low 32 bits)
     288  error message (up to 224 bytes, UTF-8)
+
+A flush of the group moves its generation on (lru_index.py). A load claimed before stores
+nothing (group.py), and a claim after it does not join that load: it claims a slot of its
+own, so gets after a flush neither wait for a load from before it nor share its answer.
 """
 
 import asyncio
@@ -50,8 +56,9 @@ import time
 
 import xxhash
 
-from .arena import INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS
+from .arena import INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, MAX_KEY_BYTES
 from .errors import LoadError, LoadTimeout, NotFound
+from .reader import NOT_FOUND
 
 log = logging.getLogger("shmcache")
 
@@ -63,7 +70,9 @@ POLL_MIN, POLL_MAX = 0.0005, 0.01  # waiter poll interval, seconds
 
 _SLOT = struct.Struct("IIQdIBBH")
 _STATE = struct.Struct("I")
-_KEY_OFF, _ERROR_OFF, _ERROR_MAX = 32, 288, 224
+_KEY_OFF, _GENERATION_OFF, _ERROR_OFF, _ERROR_MAX = 32, 284, 288, 224
+_GENERATION = struct.Struct("I")
+assert _KEY_OFF + MAX_KEY_BYTES <= _GENERATION_OFF
 
 
 class Flights:
@@ -113,6 +122,8 @@ class HostFlights:
             action, slot, ticket, value = self.store.locked(self._claim_or_join, gid, key)
             if action == "hit":
                 return value
+            if action == "not_found":
+                raise _remembered(key)
             if action == "untracked":            # table full: load without host-wide dedup
                 return loader()
             if action == "wait":
@@ -145,6 +156,8 @@ class HostFlights:
             action, slot, ticket, value = self.store.locked(self._claim_or_join, gid, key)
             if action == "hit":
                 return value
+            if action == "not_found":
+                raise _remembered(key)
             if action == "untracked":
                 return await loader()
             if action == "wait":
@@ -162,7 +175,7 @@ class HostFlights:
     def waiting(self, gid, key):
         """How many processes wait for the load of ``key`` in flight now; None if no load of
         it is in flight. A lock-free look, for figures and tests."""
-        loading = self._loading_slot(gid, key, self._slots(gid, key))
+        loading = self._loading_slot(gid, key, self._slots(gid, key), self._generation(gid))
         return None if loading is None else loading[3]
 
     # -- loading ----------------------------------------------------------------------------
@@ -264,12 +277,15 @@ class HostFlights:
         return [(start + step) % INFLIGHT_SLOTS for step in range(PROBE)]
 
     def _claim_or_join(self, gid, key):
-        value = self.store.index.lookup_locked(gid, key, time.time())
+        value = self.store.index.lookup_locked(gid, key, time.time(), negative=NOT_FOUND)
+        if value is NOT_FOUND:                   # remembered: the getter said no such key
+            return "not_found", None, None, None
         if value is not None:
             return "hit", None, None, value
         buf, now = self.buf, time.time()
         slots = self._slots(gid, key)
-        loading = self._loading_slot(gid, key, slots)     # someone loading it already?
+        generation = self._generation(gid)
+        loading = self._loading_slot(gid, key, slots, generation)   # loading it already?
         if loading is not None:
             slot, offset, ticket, waiters = loading
             struct.pack_into("I", buf, offset + 24, waiters + 1)
@@ -282,22 +298,28 @@ class HostFlights:
                     self._held.add(slot)         # of ours may take this slot for its own
                 ticket = self._next_ticket()
                 buf[offset + _KEY_OFF:offset + _KEY_OFF + len(key)] = key
+                _GENERATION.pack_into(buf, offset + _GENERATION_OFF, generation)
                 _SLOT.pack_into(buf, offset, FREE, os.getpid(), ticket, now, 0, gid, len(key), 0)
                 _STATE.pack_into(buf, offset, LOADING)      # last: now others can join
                 return "load", slot, ticket, None
         log.warning("in-flight table full around %r: loading without host-wide dedup", key)
         return "untracked", None, None, None
 
-    def _loading_slot(self, gid, key, slots):
-        """(slot, offset, ticket, waiters) of the load of ``key`` in flight, or None."""
+    def _loading_slot(self, gid, key, slots, generation):
+        """(slot, offset, ticket, waiters) of the load of ``key`` in flight since the
+        group's ``generation`` began, or None."""
         buf = self.buf
         for slot in slots:
             offset = self.base + slot * INFLIGHT_SLOT_BYTES
             state, _pid, ticket, _c, waiters, slot_gid, klen, _e = _SLOT.unpack_from(buf, offset)
             if (state == LOADING and slot_gid == gid and klen == len(key)
-                    and buf[offset + _KEY_OFF:offset + _KEY_OFF + klen] == key):
+                    and buf[offset + _KEY_OFF:offset + _KEY_OFF + klen] == key
+                    and _GENERATION.unpack_from(buf, offset + _GENERATION_OFF)[0] == generation):
                 return slot, offset, ticket, waiters
         return None
+
+    def _generation(self, gid):
+        return self.store.index.generation(gid) & 0xFFFFFFFF
 
     def _claimable(self, slot, state, waiters, changed, now):
         """May ``slot`` be claimed? If so we now hold its byte lock.
@@ -358,4 +380,9 @@ class HostFlights:
 
 
 _TAKE_OVER, _LOAD_HERE, _RETRY, _PENDING = object(), object(), object(), object()  # _poll's
+
+
+def _remembered(key):
+    return NotFound(f"{bytes(key).decode(errors='replace')[:100]} does not exist "
+                    f"(remembered not-found)")
 

@@ -59,7 +59,8 @@ STATE_FREE = 0
 STATE_LIVE = 1
 STATE_WRITING = 2             # a value being overwritten in place (lru_index.py)
 STATE_HOT = 3                 # a live copy of a value another host owns (odd = readable)
-HOLDING_ITEM = (STATE_LIVE, STATE_WRITING, STATE_HOT)
+STATE_NEGATIVE = 5            # "the getter said: no such key", remembered (no value bytes)
+HOLDING_ITEM = (STATE_LIVE, STATE_WRITING, STATE_HOT, STATE_NEGATIVE)
 
 _CLASS = struct.Struct("IIIIII")
 _PAGE = struct.Struct("IIIIIIII")

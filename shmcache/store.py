@@ -37,8 +37,8 @@ from .journal import Journal
 from .locks import LockFile
 from .lru_index import Index, encode_key
 from .metrics import Counters
-from .reader import make_reader
-from .slabs import STATE_HOT, STATE_LIVE, Slabs
+from .reader import NOT_FOUND, make_reader
+from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, Slabs
 from .units import parse_size
 
 log = logging.getLogger("shmcache")
@@ -99,20 +99,23 @@ class Store:
         self._group_ids = {}
         self.counters = Counters(self)
         # get(group, key) -> bytes | None: lock-free, one closure (see reader.py);
-        # get_with_expiry(group, key) -> (bytes, expiry Unix time | None, hot) | None.
+        # get_with_expiry(group, key) -> (bytes, expiry Unix time | None, hot) | None, or
+        # NOT_FOUND for a remembered not-found (a getter's KeyError, not_found_ttl).
         counts = self.counters.values
         resolve, locked = self._reader_group_id, self._locked_get
         self.get = make_reader(self.index, self._group_ids, resolve, locked, counts,
                                detour=self._take_detour)
         self.get_with_expiry = make_reader(self.index, self._group_ids, resolve, locked, counts,
-                                           with_expiry=True, detour=self._refuse_detour)
+                                           with_expiry=True, detour=self._refuse_detour,
+                                           negative=NOT_FOUND)
         # The same, uncounted: a second look inside one get must not count as another get.
         self.recheck = make_reader(self.index, self._group_ids, resolve, locked,
                                    [0] * len(counts), with_expiry=True,
-                                   detour=self._refuse_detour)
+                                   detour=self._refuse_detour, negative=NOT_FOUND)
         # get_stale: as recheck, but an entry past its expiry and within its group's stale
-        # window is found too (its expiry, in the past, says so). Uncounted: the caller
-        # looks after a plain read missed, and counts what it serves (stale.py).
+        # window is found too (its expiry, in the past, says so); a remembered not-found is
+        # absent to it. Uncounted: the caller looks after a plain read missed, and counts
+        # what it serves (stale.py).
         self.get_stale = make_reader(self.index, self._group_ids, resolve, self._locked_get_stale,
                                      [0] * len(counts), with_expiry=True,
                                      detour=self._refuse_detour, stale=True)
@@ -251,11 +254,13 @@ class Store:
 
     # -- data -------------------------------------------------------------------------------
 
-    def _locked_get(self, gid, key, with_expiry):
-        return self.locked(self.index.lookup_locked, gid, key, time.time(), with_expiry)
+    def _locked_get(self, gid, key, with_expiry, negative):
+        return self.locked(self.index.lookup_locked, gid, key, time.time(), with_expiry,
+                           negative)
 
-    def _locked_get_stale(self, gid, key, with_expiry):
-        return self.locked(self.index.lookup_locked, gid, key, time.time(), with_expiry, True)
+    def _locked_get_stale(self, gid, key, with_expiry, negative):
+        return self.locked(self.index.lookup_locked, gid, key, time.time(), with_expiry,
+                           negative, True)
 
     def count(self, group, kind, amount=1):
         """Add to one of this process's counters for ``group`` (metrics.KINDS)."""
@@ -266,16 +271,34 @@ class Store:
         self.counters.role = role
         self.counters.start()
 
-    def set(self, group, key, value, ttl=None, expire_at=None):
+    def set(self, group, key, value, ttl=None, expire_at=None, generation=None):
         """Store ``value`` for ``ttl`` seconds (default: the group's TTL), or until the Unix
         time ``expire_at``. ValueTooLarge if it exceeds the max item size or the group's whole
-        budget (nothing changes then)."""
+        budget (nothing changes then). ``generation``: store only if the group was not
+        cleared since ``generation(group)`` read it (a loaded value); False if not stored."""
         gid = self.group_id(group)
         data = encode_key(key)
         value = encode_value(value)
         now = time.time()
         expire_at = self._expiry(gid, ttl, expire_at, now)
-        self.locked(self.index.store, gid, data, value, expire_at, now)
+        return self.locked(self.index.store, gid, data, value, expire_at, now, STATE_LIVE,
+                           None, generation)
+
+    def generation(self, group):
+        """The group's generation: it changes with every ``clear`` of the group. Read it
+        before asking a getter (or a peer) for a value, and pass it to ``set`` (or
+        ``remember_not_found``, ``set_hot``): a clear in between then keeps the answer out."""
+        return self.index.generation(self.group_id(group))
+
+    def remember_not_found(self, group, key, ttl, generation=None):
+        """Remember for ``ttl`` seconds that ``key`` does not exist: the readers that
+        workers use answer NOT_FOUND (peeks: None) until it expires or a set or delete of
+        the key replaces or removes it. An empty item in STATE_NEGATIVE, evicted like any
+        other. False if not stored (the group was cleared since ``generation``)."""
+        gid = self.group_id(group)
+        now = time.time()
+        return self.locked(self.index.store, gid, encode_key(key), b"", now + check_ttl(ttl),
+                           now, STATE_NEGATIVE, None, generation)
 
     def _expiry(self, gid, ttl, expire_at, now):
         """The Unix time an entry written now expires at (None: never): ``expire_at`` if
@@ -363,12 +386,13 @@ class Store:
         """A version of the key's neighbourhood; see ``set_hot``."""
         return self.index.version(self.group_id(group), encode_key(key))
 
-    def set_hot(self, group, key, value, expire_at, version):
+    def set_hot(self, group, key, value, expire_at, version, generation=None):
         """Keep a copy of a value another host owns, unless anything wrote near the key since
-        ``version`` was read (a delete racing the fetch). True if stored. ValueTooLarge as set."""
+        ``version`` was read (a delete racing the fetch), or the group was cleared since
+        ``generation`` (a flush racing it). True if stored. ValueTooLarge as set."""
         gid = self.group_id(group)
         return self.locked(self.index.store, gid, encode_key(key), encode_value(value),
-                           expire_at, time.time(), STATE_HOT, version)
+                           expire_at, time.time(), STATE_HOT, version, generation)
 
     def drop_stale(self, group, key):
         """Remove the key if its entry is past its expiry (a stale one whose reload found
@@ -418,7 +442,8 @@ class Store:
         return results
 
     def clear(self, group=None):
-        """Remove every entry of one group, or of all groups."""
+        """Remove every entry of one group, or of all groups; each group's generation
+        moves on, so loads asked for before the clear store nothing after it."""
         gids = [self.group_id(group)] if group is not None else [
             info["id"] for info in self.index.groups().values()]
         for gid in gids:

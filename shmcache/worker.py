@@ -23,6 +23,7 @@ from .lru_index import encode_key
 from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER_ERRORS,
                       PEER_LOADS, host_stats, processes)
 from .peers import PeerError
+from .reader import NOT_FOUND
 from .singleflight import Flights, HostFlights
 from .stale import Refreshes, is_stale, refresh, stale_hit
 from .store import Store
@@ -90,7 +91,8 @@ class Node:
         return self.groups.get(name)
 
     def peek(self, group, key):
-        """(value, expiry, is_hot_copy) from shared memory, or None; never blocks."""
+        """(value, expiry, is_hot_copy) from shared memory, NOT_FOUND for a remembered
+        not-found (the group's not_found_ttl), or None; never blocks."""
         return self.store.get_with_expiry(group, key)
 
     def peek_stale(self, group, key, from_peer=False):
@@ -117,15 +119,19 @@ class Node:
         self._load_locally(group, key, wait=False)
 
     def get_future(self, group, key, from_peer=False):
-        """Future of (value, expiry) for a missed key: one per key per process at a time."""
+        """Future of (value, expiry) for a missed key: one per key per process at a time.
+        A get that comes after a flush of the group does not join a load from before it
+        (the group's generation is part of the flight's name)."""
         self.store.count(group, LOADS)
-        return self.flights.run((group, key, from_peer),
+        return self.flights.run((group, key, from_peer, self.store.generation(group)),
                                 lambda: self.pool.submit(self._get_slow, group, key, from_peer))
 
     def _get_slow(self, group, key, from_peer):
         """Steps 2 and 3 of the Get path. Requests from peers are never forwarded again."""
         self.store.count(group, LOADS_DEDUPED)
         hit = self.store.recheck(group, key)
+        if hit is NOT_FOUND:
+            raise NotFound(f"{group}/{key[:100]} does not exist (remembered not-found)")
         if hit is not None:
             return hit[0], hit[1]
         if not from_peer:
@@ -144,6 +150,7 @@ class Node:
         A fresh value is kept as a hot copy at random (hot_fraction), always if ``keep``;
         a stale one (the owner serves it while it refreshes) never is."""
         version = self.store.version(group, key)
+        generation = self.store.generation(group)      # a flush while fetching: no hot copy
         try:
             value, expiry = owner.fetch(group, key)
         except PeerUnavailable as exc:
@@ -163,7 +170,7 @@ class Node:
         if (keep or self.hot_fraction and random.random() < self.hot_fraction) \
                 and not is_stale(expiry):
             try:
-                self.store.set_hot(group, key, value, expiry, version)
+                self.store.set_hot(group, key, value, expiry, version, generation)
             except ValueTooLarge:
                 pass
         return value, expiry
@@ -180,7 +187,7 @@ class Node:
             if peeked is not None:
                 return peeked
             try:
-                value = target.load(key)
+                value = target.load_into(self.store, key)
             except NotFound:
                 self.store.count(group, LOCAL_LOADS)      # the getter answered: "no such key"
                 raise
@@ -188,10 +195,6 @@ class Node:
                 self.store.count(group, LOCAL_LOAD_ERRORS)
                 raise
             self.store.count(group, LOCAL_LOADS)
-            try:
-                self.store.set(group, key, value)          # the group's TTL applies
-            except ValueTooLarge as exc:
-                log.info("not caching %s/%s: %s", group, key, exc)
             return value
         load = self.host_flights.load if wait else self.host_flights.load_unless_loading
         return load(gid, encode_key(key), load_and_store)
@@ -265,12 +268,39 @@ class Node:
         failed, answers = {}, {}
         deleted = self.store.delete(group, key)
         if owner is not None:
-            failed.update(self._broadcast([owner], "remove", group, key, answers))
+            failed.update(self._broadcast([owner], "remove", group, key, answers=answers))
         others = [peer for peer in self.peers.others() if peer is not owner]
         failed.update(self._broadcast(others, "remove", group, key))
         # Whether the key was there: on its owner (this host when no other owns it).
         return {"deleted": deleted if owner is None else answers.get(owner.url, False),
                 "failed_peers": failed}
+
+    def clear_everywhere(self, group):
+        """Flush: drop every entry of ``group`` (hot copies included) on every host, in two
+        rounds, each clearing every host (the others at once, then this one), the second
+        once the first is done everywhere. Once it returns, no host that answered holds a
+        value from before the flush, whatever gets raced it:
+
+        * a load that asked the getter before its host's clear stores nothing after it:
+          the clear moves the group's generation on (Group.load_into);
+        * a get after a clear joins no load from before it, and so neither waits for nor
+          shares a pre-flush answer: the in-process flight is named by the generation,
+          and the host-wide claim joins only a load of the same generation
+          (singleflight.py);
+        * a hot copy, though, is a value fetched from its owner, and in one round host B
+          may fetch from owner C after B's clear but before C's, keeping a pre-flush
+          value. The second round drops it: a hot copy stored after B's second clear
+          was fetched after it (the fetch reads B's generation first and ``set_hot``
+          checks it), so after the first round ended on C, and C answers only with what
+          it loaded or was sent since.
+
+        Hosts that failed are named, as for a delete, and not asked again."""
+        failed = {}
+        for _round in range(2):
+            others = [peer for peer in self.peers.others() if peer.url not in failed]
+            failed.update(self._broadcast(others, "clear", group))
+            self.store.clear(group)
+        return {"cleared": True, "failed_peers": failed}
 
     def run_all(self, function, calls, limit=BATCH_CONCURRENCY):
         """One Future per ``function(*args)`` of ``calls``, in order. They run on the pool,
@@ -295,10 +325,10 @@ class Node:
             self.pool.submit(runner)
         return outcomes
 
-    def _broadcast(self, peers, method, group, key, answers=None):
-        """Call ``method`` on every peer at once; {url: error} of those that failed. What
-        each peer's call returned goes into ``answers`` ({url: result}) if given."""
-        futures = {peer: self.fanout.submit(getattr(peer, method), group, key) for peer in peers}
+    def _broadcast(self, peers, method, *args, answers=None):
+        """Call ``method(*args)`` on every peer at once; {url: error} of those that failed.
+        What each peer's call returned goes into ``answers`` ({url: result}) if given."""
+        futures = {peer: self.fanout.submit(getattr(peer, method), *args) for peer in peers}
         failed = {}
         for peer, future in futures.items():
             try:
@@ -434,8 +464,10 @@ class Worker:
         if self.app_factory is not None:   # per-process resources, made after fork
             from .group import check_groups
             groups = check_groups(list(self.app_factory()), "--app")
-            wanted = {(g.name, g.cache_bytes, g.ttl, g.stale) for g in self.groups}
-            if {(g.name, g.cache_bytes, g.ttl, g.stale) for g in groups} != wanted:
+            wanted = {(g.name, g.cache_bytes, g.ttl, g.stale, g.not_found_ttl)
+                      for g in self.groups}
+            if {(g.name, g.cache_bytes, g.ttl, g.stale, g.not_found_ttl)
+                    for g in groups} != wanted:
                 raise RuntimeError("--app returned different groups in the worker than in "
                                    "the supervisor")
         config = self.config

@@ -1,6 +1,7 @@
 """Randomised model test: several real processes hammer overlapping keys with mixed
-operations; every read must be a whole value some process wrote for that key, or absent,
-and group budgets must hold at every moment anyone looks."""
+operations (remembered not-founds and group clears among them); every read must be a whole
+value some process wrote for that key, or absent, and group budgets must hold at every
+moment anyone looks."""
 
 import multiprocessing
 import random
@@ -21,7 +22,7 @@ def worker(name, writer, results):
     rng = random.Random(writer)
     cache = shmcache.connect(name=name)
     writes, reads, problems = set(), [], []
-    counts = dict.fromkeys(["set", "hit", "miss", "delete"], 0)
+    counts = dict.fromkeys(["set", "hit", "miss", "delete", "not_found", "clear"], 0)
     try:
         for op in range(OPS):
             group = rng.choice(("small", "large"))
@@ -43,9 +44,15 @@ def worker(name, writer, results):
                         counts["hit"] += 1
                     except ValueError as exc:
                         problems.append(str(exc))
-            else:
+            elif roll < 0.90:           # a remembered not-found: never read as a value
+                cache._live_store().remember_not_found(group, key, rng.choice((0.02, 5.0)))
+                counts["not_found"] += 1
+            elif roll < 0.9995:
                 cache.delete(group, key)
                 counts["delete"] += 1
+            else:
+                cache.clear(group)
+                counts["clear"] += 1
             if op % 250 == 0:
                 for group_name, info in cache.stats()["groups"].items():
                     if info["bytes"] > info["cache_bytes"]:

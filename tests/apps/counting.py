@@ -7,6 +7,10 @@ that keys starting with "slow" take). Key prefixes choose behaviour:
     slow*      sleeps KCACHE_TEST_DELAY     die*    the first call SIGKILLs its own process
     str*       returns str                  int*    returns an int (a bad getter)
     gate*      waits until KCACHE_TEST_DIR holds open-<key> (at most GATE_TIMEOUT seconds)
+    *versioned*  the value ends in "@" and what KCACHE_TEST_DIR/version held when the call
+                 began (as a getter that reads its database first, then takes its time)
+
+Groups "remember" and "remember-brief" remember a KeyError (not_found_ttl) for 600 s and 1 s.
 
 The groups "stale" and "stale_brief" (short ttls, a stale window) load with ``load_switchable``,
 which markers in KCACHE_TEST_DIR steer per key (``switch(directory, key, ...)``): while
@@ -79,7 +83,16 @@ def load_switchable(key):
     return f"{key}@{generation}".encode()
 
 
+def read_version():
+    try:
+        with open(os.path.join(DIRECTORY, "version")) as source:
+            return source.read().strip()
+    except FileNotFoundError:
+        return "0"
+
+
 def load(key):
+    version = read_version() if "versioned" in key else None
     record(key)
     if "slow" in key:
         time.sleep(float(os.environ.get("KCACHE_TEST_DELAY", "0.5")))
@@ -101,6 +114,8 @@ def load(key):
         return 42
     if "str" in key:
         return f"text:{key}"
+    if version is not None:
+        return f"value-of-{key}@{version}".encode()
     return f"value-of-{key}".encode()
 
 
@@ -109,6 +124,8 @@ groups = [
     Group("brief", 4 << 20, load, ttl=0.5),
     Group("stale", 4 << 20, load_switchable, ttl=0.5, stale=600),
     Group("stale_brief", 4 << 20, load_switchable, ttl=0.3, stale=3),
+    Group("remember", 4 << 20, load, not_found_ttl=600),
+    Group("remember-brief", 4 << 20, load, not_found_ttl=1),
 ]
 
 
