@@ -201,15 +201,16 @@ class _Memoized:
             ran.append((False, exc))
             raise self._failed(exc) from exc
 
-    def _store_result(self, store, key, result, ran):
-        """Note ``result`` in ``ran``, serialize and cache it; the bytes, for the other
-        processes' waiters."""
+    def _store_result(self, store, key, result, ran, generation):
+        """Note ``result`` in ``ran``, serialize and cache it unless the group was cleared
+        since ``generation`` was read, before the call (its result may predate the clear:
+        see Group.load_into); the bytes, for the other processes' waiters."""
         ran.append((True, result))
         data = self._serializer.dumps(result)
         if isinstance(data, str):
             data = data.encode()
         try:
-            store.set(self._group, key, data, ttl=self._ttl)
+            store.set(self._group, key, data, ttl=self._ttl, generation=generation)
         except ValueTooLarge:
             pass                                  # answered, not cached
         return data
@@ -263,9 +264,10 @@ class SyncMemoized(_Memoized):
         ran = []                # [(True, result)] or [(False, exception)] if it ran here
 
         def load_and_store():
+            generation = store.generation(self._group)
             with self._running(ran):
                 result = self._func(*args, **kwargs)
-            return self._store_result(store, key, result, ran)
+            return self._store_result(store, key, result, ran, generation)
         try:
             data = flights.load(gid, data_key, load_and_store)
         except LoadError:
@@ -301,9 +303,10 @@ class AsyncMemoized(_Memoized):
         ran = []
 
         async def load_and_store():
+            generation = store.generation(self._group)
             with self._running(ran):
                 result = await self._func(*args, **kwargs)
-            return self._store_result(store, key, result, ran)
+            return self._store_result(store, key, result, ran, generation)
         try:
             data = await flights.aload(gid, data_key, load_and_store)
         except LoadError:

@@ -352,3 +352,20 @@ def test_with_a_supervisor(tmp_path):
     finally:
         supervisor.stop()
         supervisor.cleanup()
+
+
+def test_a_result_computed_across_a_clear_of_its_group_is_not_kept(memo_cache):
+    runs = []
+
+    @memo_cache.memoize("memo")
+    def read_setting(name):
+        runs.append(name)
+        if len(runs) == 1:
+            memo_cache.clear("memo")            # the group is flushed while it computes
+        return f"{name} v{len(runs)}"
+
+    assert read_setting("colour") == "colour v1"         # answered, but not kept
+    assert memo_cache.peek("memo", read_setting.key("colour")) is None
+    assert read_setting("colour") == "colour v2"
+    assert read_setting("colour") == "colour v2"         # kept: no clear this time
+    assert runs == ["colour", "colour"]
