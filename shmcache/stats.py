@@ -51,8 +51,8 @@ def table(stats, previous=None, elapsed=None):
              f"{len(stats['workers'])} workers, {stats['clients']} clients, "
              f"{stats['repairs']} repairs"]
     head = (f"{'group':16} {'items':>9} {'bytes':>10} {'budget':>10} {'gets':>10} {'hit %':>6} "
-            f"{'hot':>7} {'loads':>8} {'deduped':>8} {'getter':>8} {'errors':>7} {'peer':>8} "
-            f"{'evicted':>8}")
+            f"{'hot':>7} {'stale':>7} {'neg':>7} {'loads':>8} {'deduped':>8} {'getter':>8} "
+            f"{'errors':>7} {'peer':>8} {'evicted':>8}")
     if previous:
         head += f" {'gets/s':>9}"
     lines += ["", head]
@@ -64,14 +64,17 @@ def table(stats, previous=None, elapsed=None):
         row = (f"{name[:16]:16} {info['items']:9,} {format_size(info['bytes']):>10} "
                f"{format_size(info['cache_bytes']):>10} {gets:10,} "
                f"{hit_percent(info['hits'], gets):>6} {info['hot_hits']:7,} "
+               f"{info.get('stale_hits', 0):7,} {info.get('negative_hits', 0):7,} "
                f"{info['loads']:8,} {info['loads_deduped']:8,} {getter_calls:8,} "
-               f"{info['local_load_errors'] + info['peer_errors']:7,} {info['peer_loads']:8,} "
-               f"{info['evictions']:8,}")
+               f"{info['local_load_errors'] + info['peer_errors'] + info.get('refresh_errors', 0):7,} "
+               f"{info['peer_loads']:8,} {info['evictions']:8,}")
         if previous and name in previous["groups"] and elapsed:
             row += f" {(gets - previous['groups'][name]['gets']) / elapsed:9,.0f}"
         lines.append(row)
-    lines += ["", "loads: gets that missed; deduped: loads left after singleflight; "
-                  "getter: getter calls on this host; peer: values fetched from their owner"]
+    lines += ["", "stale: hits past the ttl, within the stale window; neg: gets answered by a "
+                  "remembered not-found;", "loads: gets that missed; deduped: loads left after "
+                  "singleflight; getter: getter calls on this host; peer: values fetched from "
+                  "their owner; errors: failed loads, peer fetches and stale refreshes"]
     lines += ["", f"{'worker':>6} {'pid':>8} {'rss':>10} {'cpu s':>8}"]
     for worker in stats["workers"]:
         lines.append(f"{worker['worker']:6} {worker['pid']:8} {format_size(worker['rss_bytes']):>10} "

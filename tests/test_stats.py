@@ -86,3 +86,18 @@ def test_groups_no_longer_served_are_left_out(supervised):
     names = [line.split()[0] for line in output.stdout.splitlines() if line.strip()]
     assert "origin" in names
     assert "test" not in names and "brief" not in names
+
+
+def test_negative_hits_have_their_column(supervised):
+    host = supervised(APP)
+    for _ in range(4):
+        assert host.get("remember", "missing-key")[0] == 404     # one getter call, 3 remembered
+    stats = wait_stats(host, lambda s: s["groups"]["remember"]["gets"] >= 4)
+    assert stats["groups"]["remember"]["negative_hits"] == 3
+    output = stats_command(host)
+    assert output.returncode == 0, output.stderr
+    lines = output.stdout.splitlines()
+    columns = next(line for line in lines if line.startswith("group ")).split()
+    cells = next(line for line in lines if line.startswith("remember ")).split()
+    right = dict(zip(reversed(columns), reversed(cells)))
+    assert right["neg"] == "3" and right["stale"] == "0" and right["getter"] == "1"
