@@ -205,11 +205,11 @@ def test_worker_sigkill_under_load_is_replaced_without_wrong_answers(supervised,
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)
     server.wait_for_workers(4, exclude=killed)            # every one replaced
+    wait_for_progress(answered, 50, timeout=60)           # and serving
     stop.set()
     for thread in threads:
         thread.join(60)
         assert not thread.is_alive(), "a request hung"
     cache.close()
     assert not problems, problems[:5]
-    assert answered[0] > 200
     assert server.log().count("replacing it") >= 6
