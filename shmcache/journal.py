@@ -66,9 +66,19 @@ class Journal:
         self.step = 0
 
     def checkpoint(self):
-        """Commit and begin again: bounds the log during long operations (evicting a page)."""
-        self.commit()
-        self.begin()
+        """Commit and begin again: bounds the log during long operations (evicting a page).
+
+        One aligned store commits this step and opens the next: ``_OFFSET_TX_ACTIVE`` goes
+        from this step's id straight to a new one that no log entry carries yet, so a kill on
+        either side of it leaves this step's writes standing. ``_OFFSET_TX_SEQ`` follows; a
+        kill between the two stores leaves the new id active with no entries (nothing to
+        undo) and not yet handed out, so the next step may take it again."""
+        buf = self.buf
+        step = _U64.unpack_from(buf, _OFFSET_TX_SEQ)[0] + 1
+        _U64.pack_into(buf, _OFFSET_TX_ACTIVE, step)
+        _U64.pack_into(buf, _OFFSET_TX_SEQ, step)
+        self.pos = self.start
+        self.step = step
 
     def w32(self, offset, value):
         """Journaled store of a u32."""

@@ -75,10 +75,11 @@ _U64 = struct.Struct("Q")
 _F64 = struct.Struct("d")
 assert _HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRANULE == 32
 
-_G_BUDGET, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 80, 88, 96, 100
+_G_BUDGET, _G_TTL, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 72, 80, 88, 96, 100
 _G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
 _G_STALE, _G_GENERATION = 136, 144
 _I_EXPIRY, _I_PREV, _I_NEXT = 8, 16, 20
+_KEEP_LINK_KEY_GROUP = ~(0xFF << 32 | 0xFF << 56)   # word 0 without state and expiry fraction
 
 MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
 ROOM_EVICTIONS = 64         # evictions per group when a full class needs a chunk
@@ -214,8 +215,11 @@ class Index:
             return False
         if generation is not None and _U64.unpack_from(buf, group + _G_GENERATION)[0] != generation:
             return False
-        class_id = self.slabs.class_for(ITEM_HEADER_BYTES + size)
-        bucket_off = self._mark(bucket)
+        seq_off = self.stripes_off + (bucket % self.nstripes) * 4      # self._mark, inline
+        if seq_off not in self._marked:
+            _U32.pack_into(buf, seq_off, _U32.unpack_from(buf, seq_off)[0] | 1)
+            self._marked.append(seq_off)
+        bucket_off = self.buckets_off + bucket * 4
         link, old = self._find(bucket_off, gid, key)
         if old:
             if _U32.unpack_from(buf, old + 12)[0] == vlen:
@@ -228,6 +232,7 @@ class Index:
             journal.checkpoint()
         if _U64.unpack_from(buf, group + _G_BYTES)[0] + size > budget:
             self._evict_for_budget(gid, size, now)
+        class_id = self.slabs.class_for(ITEM_HEADER_BYTES + size)   # only what a new chunk needs
         offset = self.slabs.alloc(class_id) or self._make_room(class_id, gid, now)
         seconds, frac = expiry_fields(expire_at)
         ref = offset >> 3
@@ -276,17 +281,18 @@ class Index:
         absent, and writers overwrite or evict it like any other (its lengths never changed,
         so the byte counts stay right). Readers meanwhile see the stripe odd and retry."""
         buf, journal = self.buf, self.journal
-        word = _U64.unpack_from(buf, offset)[0] & ~(0xFF << 32 | 0xFF << 56)
+        word = _U64.unpack_from(buf, offset)[0] & _KEEP_LINK_KEY_GROUP
         journal.w64(offset, word | STATE_WRITING << 32)
         journal.checkpoint()
         seconds, frac = expiry_fields(expire_at)
-        klen = buf[offset + 5]
-        start = offset + ITEM_HEADER_BYTES + klen
+        start = offset + ITEM_HEADER_BYTES + buf[offset + 5]
         buf[start:start + len(value)] = value
         _U32.pack_into(buf, offset + _I_EXPIRY, seconds)
         journal.w64(offset, word | (state | frac << 24) << 32)
-        self._set_ref(offset)
-        self._bump(self.groups_off + buf[offset + 6] * GROUP_RECORD_BYTES + _G_SETS)
+        bit = (offset - self.pages_off) // REFBIT_GRANULE            # an update is a reference
+        buf[self.refbits_off + (bit >> 3)] |= 1 << (bit & 7)
+        sets = self.groups_off + buf[offset + 6] * GROUP_RECORD_BYTES + _G_SETS
+        _U64.pack_into(buf, sets, _U64.unpack_from(buf, sets)[0] + 1)
 
     def remove(self, gid, key, now):
         """Delete ``key``; True if it was there (expired entries count as absent)."""
@@ -336,7 +342,7 @@ class Index:
             buf[group:group + len(encoded)] = encoded
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         journal.w64(group + _G_BUDGET, cache_bytes)
-        journal.w64(group + 72, _U64.unpack_from(struct.pack("d", ttl or 0.0))[0])
+        journal.w64(group + _G_TTL, _U64.unpack_from(struct.pack("d", ttl or 0.0))[0])
         journal.w64(group + _G_STALE, _U64.unpack_from(struct.pack("d", stale or 0.0))[0])
         journal.w32(group + _G_DEFINED, 1)
         if gid >= _U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]:
@@ -359,7 +365,7 @@ class Index:
             .rstrip(b"\0").decode()
 
     def group_ttl(self, gid):
-        return _GROUP.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES)[2] or None
+        return _F64.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_TTL)[0] or None
 
     def group_stale(self, gid):
         """The group's stale window in seconds (0.0: none)."""

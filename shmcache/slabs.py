@@ -200,12 +200,11 @@ class Slabs:
         base = self.pages_off + page * self.page_size
         if free_head:
             offset = base + (free_head - 1) * size
-            free_head = _U32.unpack_from(buf, offset)[0]
+            journal.w64(page_rec + 8, used + 1 + _U32.unpack_from(buf, offset)[0] * _PAIR)
         else:
             offset = base + carve * size
-            carve += 1
-            journal.w32(page_rec + 4, carve)
-        journal.w64(page_rec + 8, used + 1 + free_head * _PAIR)
+            # class + carve mark, then in use + free head (empty): two adjacent words
+            journal.w64x2(page_rec, _cls + (carve + 1) * _PAIR, used + 1)
         return offset
 
     def free(self, offset):

@@ -44,6 +44,13 @@ from .units import parse_size
 log = logging.getLogger("shmcache")
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
+# WRITER_PID (u32, then 4 spare bytes) and TX_ACTIVE (u64) side by side: one read per write.
+_WRITER_AND_TX = struct.Struct("I4xQ")
+assert _OFFSET_TX_ACTIVE == _OFFSET_WRITER_PID + 8
+# This process's pid for the WRITER_PID mark (os.getpid() is a system call); set anew in a
+# forked child before any of its code runs.
+_this_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _this_pid.__setitem__(0, os.getpid()))
 _DECIMAL = re.compile(rb"-?[0-9]{1,4000}")
 BATCH_CHUNK = 64            # keys a batch writes per hold of the write lock
 
@@ -459,28 +466,30 @@ class Store:
         buf = self.buf
         if buf is None:
             raise ValueError("store is closed")
-        self._write_lock.acquire()
+        lock, journal = self._write_lock, self.journal
+        lock.acquire()
         try:
-            if _U32.unpack_from(buf, _OFFSET_WRITER_PID)[0] or _U64.unpack_from(buf, _OFFSET_TX_ACTIVE)[0]:
+            writer, active = _WRITER_AND_TX.unpack_from(buf, _OFFSET_WRITER_PID)
+            if writer or active:
                 self._repair()
-            _U32.pack_into(buf, _OFFSET_WRITER_PID, os.getpid())
-            self.journal.begin()
+            _U32.pack_into(buf, _OFFSET_WRITER_PID, _this_pid[0])
+            journal.begin()
             try:
                 result = operation(*args)
                 if self.verify_identity and _U32.unpack_from(buf, _OFFSET_RETIRED)[0]:
                     # Written, not committed, and the segment was retired meanwhile (the
                     # interleavings are in arena.retire): undo (below) and refuse.
                     raise self._removed()
-                self.journal.commit()
+                journal.commit()
                 return result
             except BaseException:
-                self.journal.undo()
+                journal.undo()
                 raise
             finally:
                 self.index.end_write()
                 _U32.pack_into(buf, _OFFSET_WRITER_PID, 0)
         finally:
-            self._write_lock.release()
+            lock.release()
 
     def _repair(self):
         """The previous writer died inside a write section: roll back its open step."""
