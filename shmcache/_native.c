@@ -4,8 +4,11 @@
  * built, or when SHMCACHE_PURE_PYTHON=1.
  *
  * Every layout constant comes from Python (reader.py passes the Index's attributes and the
- * item header's field offsets), and so does the hash: xxh3_64 is the xxhash package's own
- * function object, called here, so both readers hash with one implementation.
+ * item header's field offsets), and so does the hash: xxh3_64 is the xxhash package's own.
+ * Its extension module exports XXH3_64bits_withSeed; when reader.py names that module's
+ * file, the reader calls the function directly (no Python call, no bytes object: half the
+ * cost of a hit), but only after checking it against the package's xxh3_64_intdigest on
+ * keys of every length class and several seeds. Otherwise it calls xxh3_64_intdigest.
  *
  * The arena is a Python mmap. A reader takes its buffer for the length of one call only, so
  * the mmap can still be closed between calls (and a closed one raises ValueError here, as
@@ -16,6 +19,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -32,6 +36,8 @@ typedef struct {
     PyObject *seeds;            /* tuple of ints: the hash seed of each group id */
     PyObject *resolve_group, *locked_lookup, *counts, *detour, *negative;
     PyObject *encode_key, *invalid_key, *digest;
+    uint64_t (*xxh3)(const void *, size_t, uint64_t);   /* NULL: call digest */
+    uint64_t *seed_words;                                  /* the seeds, for xxh3 */
     int with_expiry, stale;
     Py_ssize_t nbuckets, nstripes, stripes_off, buckets_off, refbits_off;
     Py_ssize_t low, high, pages_end, max_item, stale_off, group_record_bytes;
@@ -154,23 +160,24 @@ reader_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyOb
     Py_ssize_t gid = PyLong_AsSsize_t(gid_obj);
     if (gid == -1 && PyErr_Occurred())
         goto done;
-    if (PyUnicode_CheckExact(key)) {
-        Py_ssize_t size;
-        const char *utf8 = PyUnicode_AsUTF8AndSize(key, &size);
-        if (utf8 == NULL)
+    Py_ssize_t klen;
+    const char *kptr;
+    if (PyUnicode_CheckExact(key)) {            /* its UTF-8, cached in the str object */
+        kptr = PyUnicode_AsUTF8AndSize(key, &klen);
+        if (kptr == NULL)
             goto done;
-        key_bytes = PyBytes_FromStringAndSize(utf8, size);
     }
-    else
+    else {
         key_bytes = PyObject_CallOneArg(self->encode_key, key);
-    if (key_bytes == NULL)
-        goto done;
-    if (!PyBytes_Check(key_bytes)) {
-        PyErr_SetString(PyExc_TypeError, "encode_key must return bytes");
-        goto done;
+        if (key_bytes == NULL)
+            goto done;
+        if (!PyBytes_Check(key_bytes)) {
+            PyErr_SetString(PyExc_TypeError, "encode_key must return bytes");
+            goto done;
+        }
+        klen = PyBytes_GET_SIZE(key_bytes);
+        kptr = PyBytes_AS_STRING(key_bytes);
     }
-    Py_ssize_t klen = PyBytes_GET_SIZE(key_bytes);
-    const char *kptr = PyBytes_AS_STRING(key_bytes);
     if (!(0 < klen && klen <= self->max_key_bytes)) {
         PyErr_Format(self->invalid_key, "key must be 1 to %zd bytes, got %zd",
                      self->max_key_bytes, klen);
@@ -180,13 +187,21 @@ reader_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyOb
         PyErr_SetString(PyExc_IndexError, "list index out of range");
         goto done;
     }
-    PyObject *hash_args[2] = {key_bytes, PyTuple_GET_ITEM(self->seeds, gid)};
-    hashed = PyObject_Vectorcall(self->digest, hash_args, 2, NULL);
-    if (hashed == NULL)
-        goto done;
-    unsigned long long digest = PyLong_AsUnsignedLongLong(hashed);
-    if (digest == (unsigned long long)-1 && PyErr_Occurred())
-        goto done;
+    unsigned long long digest;
+    if (self->xxh3 != NULL)
+        digest = self->xxh3(kptr, (size_t)klen, self->seed_words[gid]);
+    else {
+        if (key_bytes == NULL && (key_bytes = PyBytes_FromStringAndSize(kptr, klen)) == NULL)
+            goto done;
+        kptr = PyBytes_AS_STRING(key_bytes);
+        PyObject *hash_args[2] = {key_bytes, PyTuple_GET_ITEM(self->seeds, gid)};
+        hashed = PyObject_Vectorcall(self->digest, hash_args, 2, NULL);
+        if (hashed == NULL)
+            goto done;
+        digest = PyLong_AsUnsignedLongLong(hashed);
+        if (digest == (unsigned long long)-1 && PyErr_Occurred())
+            goto done;
+    }
     Py_ssize_t bucket = (Py_ssize_t)(digest % (unsigned long long)self->nbuckets);
     Py_ssize_t seq_off = self->stripes_off + (bucket % self->nstripes) * 4;
     Py_ssize_t bucket_off = self->buckets_off + bucket * 4;
@@ -315,6 +330,8 @@ reader_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyOb
         goto done;
     }
     PyBuffer_Release(&view);
+    if (key_bytes == NULL && (key_bytes = PyBytes_FromStringAndSize(kptr, klen)) == NULL)
+        goto done;
     result = locked(self, gid_obj, gid, key_bytes);
 done:
     if (view.obj != NULL)
@@ -352,20 +369,89 @@ get_int(PyObject *layout, const char *name, int *out, int low, int high)
     return 0;
 }
 
+static int
+use_library(Reader *self, PyObject *library)
+{
+    /* Take XXH3_64bits_withSeed from the (already loaded) library file ``library`` if it
+     * is there and agrees with self->digest; else leave self->xxh3 NULL. -1 on an error. */
+    PyObject *path = NULL;
+    if (!PyUnicode_FSConverter(library, &path))
+        return -1;
+    void *handle = dlopen(PyBytes_AS_STRING(path), RTLD_NOW | RTLD_NOLOAD);
+    Py_DECREF(path);
+    if (handle == NULL)
+        return 0;
+    uint64_t (*xxh3)(const void *, size_t, uint64_t) =
+        (uint64_t (*)(const void *, size_t, uint64_t))dlsym(handle, "XXH3_64bits_withSeed");
+    dlclose(handle);          /* the module keeps it loaded (we asked for it with NOLOAD) */
+    if (xxh3 == NULL)
+        return 0;
+    Py_ssize_t nseeds = PyTuple_GET_SIZE(self->seeds);
+    self->seed_words = PyMem_Calloc(nseeds ? nseeds : 1, sizeof(uint64_t));
+    if (self->seed_words == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nseeds; i++) {
+        self->seed_words[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(self->seeds, i));
+        if (self->seed_words[i] == (uint64_t)-1 && PyErr_Occurred())
+            return -1;
+    }
+    /* every length class of XXH3 (1-3, 4-8, 9-16, 17-128, 129-240, longer), several seeds */
+    static const size_t lengths[] = {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 64, 127, 128, 129,
+                                     200, 240, 241, 250, 300};
+    char data[300];
+    for (size_t i = 0; i < sizeof(data); i++)
+        data[i] = (char)(i * 131 + 7);
+    for (size_t l = 0; l < sizeof(lengths) / sizeof(lengths[0]); l++) {
+        for (Py_ssize_t s = 0; s < (nseeds < 3 ? nseeds : 3); s++) {
+            PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)lengths[l]);
+            if (bytes == NULL)
+                return -1;
+            PyObject *hash_args[2] = {bytes, PyTuple_GET_ITEM(self->seeds, s)};
+            PyObject *hashed = PyObject_Vectorcall(self->digest, hash_args, 2, NULL);
+            Py_DECREF(bytes);
+            if (hashed == NULL)
+                return -1;
+            unsigned long long want = PyLong_AsUnsignedLongLong(hashed);
+            Py_DECREF(hashed);
+            if (want == (unsigned long long)-1 && PyErr_Occurred())
+                return -1;
+            if (xxh3(data, lengths[l], self->seed_words[s]) != want)
+                return 0;                               /* not the same function: call it */
+        }
+    }
+    self->xxh3 = xxh3;
+    return 0;
+}
+
+static PyObject *
+reader_xxh3_direct(Reader *self, void *closure)
+{
+    return PyBool_FromLong(self->xxh3 != NULL);
+}
+
+static PyGetSetDef reader_getset[] = {
+    {"xxh3_direct", (getter)reader_xxh3_direct, NULL,
+     "True if it hashes with the xxhash library's function directly", NULL},
+    {NULL},
+};
+
 static PyObject *
 reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"buf", "group_ids", "seeds", "resolve_group", "locked_lookup",
                             "counts", "detour", "negative", "encode_key", "invalid_key",
-                            "digest", "layout", "with_expiry", "stale", NULL};
+                            "digest", "layout", "with_expiry", "stale", "xxh3_library", NULL};
     PyObject *buf, *group_ids, *seeds, *resolve_group, *locked_lookup, *counts, *detour;
     PyObject *negative, *encode_key, *invalid_key, *digest, *layout;
     int with_expiry = 0, stale = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOOOOOOOO!|pp", names, &buf,
+    PyObject *library = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOOOOOOOO!|ppO", names, &buf,
                                      &PyDict_Type, &group_ids, &seeds, &resolve_group,
                                      &locked_lookup, &counts, &detour, &negative, &encode_key,
                                      &invalid_key, &digest, &PyDict_Type, &layout,
-                                     &with_expiry, &stale))
+                                     &with_expiry, &stale, &library))
         return NULL;
     if (!PyObject_CheckBuffer(buf)) {
         PyErr_SetString(PyExc_TypeError, "buf must support the buffer protocol");
@@ -380,6 +466,8 @@ reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     self->vectorcall = reader_vectorcall;
+    self->xxh3 = NULL;
+    self->seed_words = NULL;
     self->buf = Py_NewRef(buf);
     self->group_ids = Py_NewRef(group_ids);
     self->seeds = seed_tuple;
@@ -437,6 +525,10 @@ reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_DECREF(self);
         return NULL;
     }
+    if (library != Py_None && use_library(self, library) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
     return (PyObject *)self;
 }
 
@@ -479,6 +571,7 @@ reader_dealloc(Reader *self)
 {
     PyObject_GC_UnTrack(self);
     reader_clear(self);
+    PyMem_Free(self->seed_words);
     PyObject_GC_Del(self);
 }
 
@@ -500,6 +593,7 @@ static PyTypeObject ReaderType = {
     .tp_traverse = (traverseproc)reader_traverse,
     .tp_clear = (inquiry)reader_clear,
     .tp_dealloc = (destructor)reader_dealloc,
+    .tp_getset = reader_getset,
 };
 
 static struct PyModuleDef module = {

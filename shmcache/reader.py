@@ -38,6 +38,7 @@ xxhash function object.
 import logging
 import os
 import struct
+import sys
 import time
 
 import xxhash
@@ -73,6 +74,17 @@ else:
 _said = False                        # the log line saying which reader this process uses
 
 
+def _xxh3_library():
+    """The file of the xxhash package's extension module: the C reader takes its
+    XXH3_64bits_withSeed from there (and checks it against xxh3_64_intdigest first)."""
+    module = sys.modules.get(getattr(xxhash.xxh3_64_intdigest, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    return path if path and path.endswith(".so") else None
+
+
+XXH3_LIBRARY = _xxh3_library()
+
+
 def native_wanted():
     """True if the C reader is built and not turned off by SHMCACHE_PURE_PYTHON."""
     return _native is not None and os.environ.get("SHMCACHE_PURE_PYTHON", "") in ("", "0")
@@ -103,7 +115,7 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
         index.buf, group_ids, index.seeds, resolve_group, locked_lookup, counts, detour,
         negative, encode_key, InvalidKey, xxhash.xxh3_64_intdigest,
         {**native_layout(index), "negative_kind": MISSES if negative is None else NEGATIVE_HITS},
-        with_expiry, stale)
+        with_expiry, stale, XXH3_LIBRARY)
 
 
 def native_layout(index):

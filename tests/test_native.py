@@ -6,6 +6,7 @@ import os
 import random
 import struct
 import time
+import warnings
 
 import pytest
 
@@ -32,6 +33,8 @@ def test_the_reader_in_use_is_the_one_asked_for(make_cache):
         f"and Python headers, or set SHMCACHE_PURE_PYTHON=1 to test the pure-Python reader")
     for get in (store.get, store.get_with_expiry, store.recheck, store.get_stale):
         assert type(get) is reader._native.Reader
+        if not get.xxh3_direct:          # slower, not wrong: it calls xxh3_64_intdigest
+            warnings.warn(f"the C reader calls xxhash through Python ({reader.XXH3_LIBRARY})")
 
 
 @native_only
@@ -194,7 +197,10 @@ def corrupt(store, rng, offsets):
 
 
 @native_only
-def test_both_readers_agree_on_random_arena_states(make_cache):
+@pytest.mark.parametrize("xxh3", ["direct", "through Python"])
+def test_both_readers_agree_on_random_arena_states(make_cache, monkeypatch, xxh3):
+    if xxh3 != "direct":
+        monkeypatch.setattr(reader, "XXH3_LIBRARY", None)
     rng = random.Random(11)
     cache = make_cache(memory="4MiB", max_item_size="16KiB",
                        groups={"g": 1 << 21, "h": 1 << 21, "late": 1 << 20})
@@ -205,6 +211,8 @@ def test_both_readers_agree_on_random_arena_states(make_cache):
     probes = keys + [("g", "absent"), ("h", "absent-too"), ("late", "k1"), ("nosuch", "k1"),
                      ("g", b"k2"), ("g", bytearray(b"k3")), ("g", ""), ("g", "y" * 251),
                      ("g", 17), ("g", "\udc80"), ([], "k1")]
+    probe = make_reader(store.index, {}, None, None, [], native=True)
+    assert probe.xxh3_direct == (xxh3 == "direct" and reader.XXH3_LIBRARY is not None)
     region = slice(store.index.stripes_off, store.index.pages_end)
     pristine = bytes(store.buf[region])
     offsets = item_offsets(store.index)
