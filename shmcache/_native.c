@@ -224,9 +224,18 @@ reader_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyOb
         attempts--;
         uint32_t seq = __atomic_load_n(seq_word, __ATOMIC_ACQUIRE);
         if (seq & 1) {
+            /* Let the mmap go while other threads run: a close meanwhile must succeed
+             * (then the next read raises ValueError, as in the Python reader). */
+            PyBuffer_Release(&view);
             Py_BEGIN_ALLOW_THREADS
             sched_yield();
             Py_END_ALLOW_THREADS
+            if (PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0)
+                goto done;
+            if (view.buf != base || view.len != size) {
+                PyErr_SetString(PyExc_ValueError, "the arena's mapping changed");
+                goto done;
+            }
             continue;
         }
         uint32_t ref = __atomic_load_n((const uint32_t *)(base + bucket_off), __ATOMIC_RELAXED);
