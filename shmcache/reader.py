@@ -101,9 +101,9 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
         if not _said:
             _said = True
             if native:
-                log.debug("shmcache: lock-free reads in C (shmcache._native)")
+                log.debug("lock-free reads in C (shmcache._native)")
             else:
-                log.info("shmcache: lock-free reads in pure Python (%s)",
+                log.info("lock-free reads in pure Python (%s)",
                          "SHMCACHE_PURE_PYTHON is set" if _native is not None else
                          f"the C reader is not built: {_native_missing}")
     if not native:

@@ -2,6 +2,7 @@
 use is the one asked for, and on many arena states, whole and torn, the two answer, count,
 fall back and set reference bits alike."""
 
+import logging
 import os
 import random
 import struct
@@ -10,6 +11,7 @@ import warnings
 
 import pytest
 
+import shmcache
 from shmcache import reader
 from shmcache.arena import GROUP_RECORD_BYTES, ITEM_HEADER_BYTES
 from shmcache.errors import InvalidKey
@@ -46,6 +48,23 @@ def test_the_environment_turns_the_c_reader_off(make_cache, monkeypatch):
     assert cache.peek("g", "k") == b"v"
     monkeypatch.setenv("SHMCACHE_PURE_PYTHON", "0")
     assert reader.native_wanted()
+
+
+def test_without_the_c_reader_reads_are_pure_python_and_say_so_once(
+        make_cache, segment_name, monkeypatch, caplog):
+    monkeypatch.setattr(reader, "_native", None)
+    monkeypatch.setattr(reader, "_native_missing", ImportError("not built"))
+    monkeypatch.setattr(reader, "_said", False)
+    with caplog.at_level(logging.INFO, logger="shmcache"):
+        cache = make_cache()
+        cache.set("g", "k", b"v")
+        with shmcache.connect(name=segment_name) as other:
+            assert other.peek("g", "k") == b"v"
+            assert other._live_store().get.__class__.__name__ == "function"
+    said = [r.getMessage() for r in caplog.records if "lock-free reads" in r.getMessage()]
+    assert said == ["lock-free reads in pure Python (the C reader is not built: not built)"]
+    with pytest.raises(ImportError):
+        make_reader(cache._store.index, {}, None, None, [], native=True)
 
 
 # -- the two readers on the same memory ---------------------------------------------------
