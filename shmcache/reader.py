@@ -25,20 +25,31 @@ found expired, so a fresh hit costs what it costs in any reader.
 A hit sets the item's CLOCK reference bit (outside the chunk, so a write that comes late,
 after the chunk changed hands, only sets a stray bit) and counts in the process's list
 (metrics.py). Layouts: lru_index.py.
+
+**Two readers, one behaviour.** ``make_reader`` builds the C reader of ``_native.c`` (built
+when the package is installed, if a compiler is there) and falls back to the pure-Python
+closure ``make_python_reader`` when that module cannot be imported or the environment sets
+SHMCACHE_PURE_PYTHON=1; it says which, once per process, in the log. Both take the same
+steps in the same order and answer, count and fall back alike (tests/test_native.py holds
+them to it); the C one takes every layout constant from here, and hashes with the same
+xxhash function object.
 """
 
+import logging
 import os
+import struct
+import sys
 import time
 
 import xxhash
 
-from .arena import GROUP_RECORD_BYTES, ITEM_HEADER_BYTES, MAX_KEY_BYTES
+from .arena import GROUP_RECORD_BYTES, ITEM_HEADER_BYTES, MAX_KEY_BYTES, REFBIT_GRANULE
 from .errors import InvalidKey
 from .lru_index import _F64, _FRACTION, _G_STALE, _HEAD, _U32, encode_key
 from .metrics import HITS, HOT_HITS, MISSES, NEGATIVE_HITS, PER_GROUP
 from .slabs import STATE_LIVE, STATE_NEGATIVE
 
-assert PER_GROUP == 16                 # counts[gid << 4 | kind]
+assert PER_GROUP == 16 and REFBIT_GRANULE == 32    # counts[gid << 4 | kind]; bit = off >> 5
 
 READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
 MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
@@ -53,9 +64,83 @@ class _NotFound:
 
 NOT_FOUND = _NotFound()
 
+log = logging.getLogger("shmcache")
+try:
+    from . import _native
+except ImportError as exc:           # not built (no compiler at install time)
+    _native, _native_missing = None, exc
+else:
+    _native_missing = None
+_said = False                        # the log line saying which reader this process uses
+
+
+def _xxh3_library():
+    """The file of the xxhash package's extension module: the C reader takes its
+    XXH3_64bits_withSeed from there (and checks it against xxh3_64_intdigest first)."""
+    module = sys.modules.get(getattr(xxhash.xxh3_64_intdigest, "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    return path if path and path.endswith(".so") else None
+
+
+XXH3_LIBRARY = _xxh3_library()
+
+
+def native_wanted():
+    """True if the C reader is built and not turned off by SHMCACHE_PURE_PYTHON."""
+    return _native is not None and os.environ.get("SHMCACHE_PURE_PYTHON", "") in ("", "0")
+
 
 def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,
-                detour=None, stale=False, negative=None):
+                detour=None, stale=False, negative=None, native=None):
+    """The lock-free ``get(group, key)``: the C reader if ``native`` (default:
+    ``native_wanted()``), else ``make_python_reader``'s closure; same arguments, same
+    behaviour."""
+    global _said
+    if native is None:
+        native = native_wanted()
+        if not _said:
+            _said = True
+            if native:
+                log.debug("lock-free reads in C (shmcache._native)")
+            else:
+                log.info("lock-free reads in pure Python (%s)",
+                         "SHMCACHE_PURE_PYTHON is set" if _native is not None else
+                         f"the C reader is not built: {_native_missing}")
+    if not native:
+        return make_python_reader(index, group_ids, resolve_group, locked_lookup, counts,
+                                  with_expiry, detour, stale, negative)
+    if _native is None:
+        raise ImportError(f"the C reader is not built: {_native_missing}")
+    return _native.Reader(
+        index.buf, group_ids, index.seeds, resolve_group, locked_lookup, counts, detour,
+        negative, encode_key, InvalidKey, xxhash.xxh3_64_intdigest,
+        {**native_layout(index), "negative_kind": MISSES if negative is None else NEGATIVE_HITS},
+        with_expiry, stale, XXH3_LIBRARY)
+
+
+def native_layout(index):
+    """The constants the C reader works with, all from their one definition."""
+    fields = ("o_chain", "o_state", "o_klen", "o_gid", "o_frac", "o_seconds", "o_vlen")
+    codes = _HEAD.format                        # "IBBBBII": field offsets, native alignment
+    offsets = [struct.calcsize(codes[:i + 1]) - struct.calcsize(codes[i])
+               for i in range(len(codes))]
+    return {
+        "nbuckets": index.nbuckets, "nstripes": index.nstripes,
+        "stripes_off": index.stripes_off, "buckets_off": index.buckets_off,
+        "refbits_off": index.refbits_off, "low": index.pages_off,
+        "high": index.pages_end - ITEM_HEADER_BYTES, "pages_end": index.pages_end,
+        "max_item": index.max_item_size, "stale_off": index.groups_off + _G_STALE,
+        "group_record_bytes": GROUP_RECORD_BYTES, "item_header_bytes": ITEM_HEADER_BYTES,
+        "max_key_bytes": MAX_KEY_BYTES, "refbit_granule": REFBIT_GRANULE,
+        "per_group": PER_GROUP, "read_attempts": READ_ATTEMPTS, "max_chain": MAX_CHAIN,
+        "state_live": STATE_LIVE, "state_negative": STATE_NEGATIVE,
+        "hits": HITS, "misses": MISSES, "hot_hits": HOT_HITS,
+        **dict(zip(fields, offsets)),
+    }
+
+
+def make_python_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,
+                       detour=None, stale=False, negative=None):
     """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
     costs about a microsecond of Python, so every constant is a local and there is no
     inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it, raises,
@@ -133,7 +218,7 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
                                  + unpack_f64(buf, stale_off + gid * GROUP_RECORD_BYTES)[0] <= now()):
                     counts[gid << 4 | MISSES] += 1
                     return None
-            bit = (found - low) >> 5                # REFBIT_GRANULE = 32
+            bit = (found - low) >> 5                # REFBIT_GRANULE = 32 (asserted below)
             byte_off = refbits_off + (bit >> 3)
             mask = 1 << (bit & 7)
             if not buf[byte_off] & mask:            # write only when it changes: hot

@@ -33,6 +33,27 @@ def no_leaked_segments():
     assert not leaked, f"test left shared memory behind: {sorted(leaked)}"
 
 
+@pytest.fixture(params=["native", "python"])
+def both_readers(request, monkeypatch):
+    """Run a test once with each lock-free reader (reader.py): the C one, then the pure
+    Python one. Processes the test starts inherit the choice (SHMCACHE_PURE_PYTHON)."""
+    from shmcache import reader
+    if request.param == "native":
+        if reader._native is None:
+            pytest.skip("the C reader is not built (tests/test_native.py says so)")
+        if os.environ.get("SHMCACHE_PURE_PYTHON", "") not in ("", "0"):
+            pytest.skip("SHMCACHE_PURE_PYTHON is set for the whole run")
+        monkeypatch.delenv("SHMCACHE_PURE_PYTHON", raising=False)
+    else:
+        monkeypatch.setenv("SHMCACHE_PURE_PYTHON", "1")
+    return request.param
+
+
+def reader_kind(store):
+    """Which lock-free reader a store reads with: "native" or "python"."""
+    return "native" if type(store.get).__name__ == "Reader" else "python"
+
+
 @pytest.fixture
 def segment_name():
     """A fresh segment name; whatever the test leaves under it is removed afterwards."""

@@ -17,7 +17,10 @@ import pytest
 import shmcache
 from shmcache.arena import _OFFSET_WRITER_PID
 
+from conftest import reader_kind
 from valuecheck import check_value, make_value
+
+pytestmark = pytest.mark.usefixtures("both_readers")   # the C reader, then the Python one
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
 OLD = make_value("g", "target", 1, 1, 100)
@@ -93,9 +96,11 @@ def read_line(proc, timeout=60):
 
 
 @pytest.mark.parametrize("operation, pause_at", CASES)
-def test_writer_killed_mid_update(make_cache, segment_name, processes, operation, pause_at):
+def test_writer_killed_mid_update(make_cache, segment_name, processes, operation, pause_at,
+                                  both_readers):
     setup, allowed = SCENARIOS[operation]
     cache = prepare(make_cache, setup)
+    assert reader_kind(cache._store) == both_readers
     repairs_before = cache.stats()["repairs"]
     child = processes.python(open(CHILD).read(), segment_name, operation, pause_at,
                              stdout=-1, text=True, cwd=os.path.dirname(CHILD),

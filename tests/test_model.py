@@ -7,9 +7,14 @@ import multiprocessing
 import random
 import time
 
+import pytest
+
 import shmcache
 
+from conftest import reader_kind
 from valuecheck import check_value, make_value
+
+pytestmark = pytest.mark.usefixtures("both_readers")   # the C reader, then the Python one
 
 PROCESSES = 4
 OPS = 20_000
@@ -18,10 +23,12 @@ BUDGETS = {"small": 60_000, "large": 3_000_000}
 SIZES = [0, 10, 100, 1000, 3000, 9000]
 
 
-def worker(name, writer, results):
+def worker(name, writer, results, kind):
     rng = random.Random(writer)
     cache = shmcache.connect(name=name)
     writes, reads, problems = set(), [], []
+    if reader_kind(cache._live_store()) != kind:
+        problems.append(f"reads with the {reader_kind(cache._live_store())} reader, not {kind}")
     counts = dict.fromkeys(["set", "hit", "miss", "delete", "not_found", "clear"], 0)
     try:
         for op in range(OPS):
@@ -64,11 +71,12 @@ def worker(name, writer, results):
     results.put((writer, writes, reads, problems, counts))
 
 
-def test_processes_never_read_a_value_nobody_wrote(make_cache, segment_name):
+def test_processes_never_read_a_value_nobody_wrote(make_cache, segment_name, both_readers):
     cache = make_cache(memory="6MiB", max_item_size="16KiB", groups=BUDGETS)
+    assert reader_kind(cache._store) == both_readers
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    procs = [context.Process(target=worker, args=(segment_name, writer, results))
+    procs = [context.Process(target=worker, args=(segment_name, writer, results, both_readers))
              for writer in range(PROCESSES)]
     for proc in procs:
         proc.start()

@@ -9,10 +9,14 @@ import signal
 import threading
 import time
 
+import pytest
+
 import shmcache
 from shmcache.arena import segment_path
 
 from valuecheck import check_value, make_value
+
+pytestmark = pytest.mark.usefixtures("both_readers")   # the C reader, then the Python one
 
 APP = ["--app", "apps.counting:groups", "--workers", "4"]
 KEYS = 200

@@ -1,0 +1,627 @@
+/* The lock-free hit path of reader.py, in C: the same reads in the same order, with the
+ * same answers, counters and fallbacks (reader.py documents them; this file only repeats
+ * what C needs). Optional: reader.py uses its pure-Python closure when this module is not
+ * built, or when SHMCACHE_PURE_PYTHON=1.
+ *
+ * Every layout constant comes from Python (reader.py passes the Index's attributes and the
+ * item header's field offsets), and so does the hash: xxh3_64 is the xxhash package's own.
+ * Its extension module exports XXH3_64bits_withSeed; when reader.py names that module's
+ * file, the reader calls the function directly (no Python call, no bytes object: half the
+ * cost of a hit), but only after checking it against the package's xxh3_64_intdigest on
+ * keys of every length class and several seeds. Otherwise it calls xxh3_64_intdigest.
+ *
+ * The arena is a Python mmap. A reader takes its buffer for the length of one call only, so
+ * the mmap can still be closed between calls (and a closed one raises ValueError here, as
+ * struct.unpack_from does in the Python reader). Shared words are read through a compiler
+ * barrier: a header is copied to a local first, then decoded, so a torn header is at worst
+ * a wrong one, which the bounds checks and the seqlock catch. x86-64 keeps loads in order;
+ * the fences only stop the compiler from moving reads across the counter checks. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define BARRIER() __asm__ __volatile__("" ::: "memory")
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *buf;              /* the arena's mmap */
+    PyObject *group_ids;        /* dict: name -> id (emptied by the store to divert) */
+    PyObject *seeds;            /* tuple of ints: the hash seed of each group id */
+    PyObject *resolve_group, *locked_lookup, *counts, *detour, *negative;
+    PyObject *encode_key, *invalid_key, *digest;
+    uint64_t (*xxh3)(const void *, size_t, uint64_t);   /* NULL: call digest */
+    uint64_t *seed_words;                                  /* the seeds, for xxh3 */
+    int with_expiry, stale;
+    Py_ssize_t nbuckets, nstripes, stripes_off, buckets_off, refbits_off;
+    Py_ssize_t low, high, pages_end, max_item, stale_off, group_record_bytes;
+    Py_ssize_t item_header_bytes, max_key_bytes, refbit_granule, per_group;
+    int read_attempts, max_chain, state_live, state_negative;
+    int hits, misses, hot_hits, negative_kind;
+    int o_chain, o_state, o_klen, o_gid, o_frac, o_seconds, o_vlen;
+} Reader;
+
+static PyObject *ONE;
+
+static int
+count(Reader *self, Py_ssize_t gid, int kind)
+{
+    /* counts[gid * PER_GROUP + kind] += 1 (metrics.py's list) */
+    Py_ssize_t i = gid * self->per_group + kind;
+    PyObject *counts = self->counts;
+    if (!PyList_CheckExact(counts)) {
+        PyObject *index = PyLong_FromSsize_t(i), *old, *new;
+        if (index == NULL)
+            return -1;
+        old = PyObject_GetItem(counts, index);
+        new = old == NULL ? NULL : PyNumber_Add(old, ONE);
+        Py_XDECREF(old);
+        int failed = new == NULL || PyObject_SetItem(counts, index, new) < 0;
+        Py_XDECREF(new);
+        Py_DECREF(index);
+        return failed ? -1 : 0;
+    }
+    if (i < 0 || i >= PyList_GET_SIZE(counts)) {
+        PyErr_SetString(PyExc_IndexError, "list index out of range");
+        return -1;
+    }
+    PyObject *old = PyList_GET_ITEM(counts, i);
+    if (!PyLong_CheckExact(old)) {
+        Py_INCREF(old);
+        PyObject *new = PyNumber_Add(old, ONE);
+        Py_DECREF(old);
+        if (new == NULL)
+            return -1;
+        int failed = PyList_SetItem(counts, i, new) < 0;   /* steals new */
+        return failed ? -1 : 0;
+    }
+    PyObject *new = PyNumber_Add(old, ONE);         /* int + int: runs no Python code */
+    if (new == NULL)
+        return -1;
+    PyList_SET_ITEM(counts, i, new);
+    Py_DECREF(old);
+    return 0;
+}
+
+static double
+now(void)
+{
+    /* time.time(): CLOCK_REALTIME in nanoseconds, converted as CPython converts it */
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    if (ns % 1000000000 == 0)
+        return (double)(ns / 1000000000);
+    return (double)ns / 1e9;
+}
+
+static inline uint32_t
+get_u32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static PyObject *
+locked(Reader *self, PyObject *gid_obj, Py_ssize_t gid, PyObject *key_bytes)
+{
+    PyObject *args[4] = {gid_obj, key_bytes, self->with_expiry ? Py_True : Py_False,
+                         self->negative};
+    PyObject *found = PyObject_Vectorcall(self->locked_lookup, args, 4, NULL);
+    if (found == NULL)
+        return NULL;
+    int kind = found == Py_None ? self->misses
+               : found == self->negative ? self->negative_kind : self->hits;
+    if (count(self, gid, kind) < 0) {
+        Py_DECREF(found);
+        return NULL;
+    }
+    return found;
+}
+
+static PyObject *
+reader_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Reader *self = (Reader *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (self->buf == NULL) {                        /* cleared by the garbage collector */
+        PyErr_SetString(PyExc_ValueError, "this reader was cleared");
+        return NULL;
+    }
+    if (nargs != 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_Format(PyExc_TypeError, "get() takes 2 positional arguments (group, key)");
+        return NULL;
+    }
+    PyObject *group = args[0], *key = args[1];
+    PyObject *gid_obj = PyDict_GetItemWithError(self->group_ids, group);
+    if (gid_obj == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        gid_obj = PyObject_CallOneArg(self->resolve_group, group);
+        if (gid_obj == NULL)
+            return NULL;
+        if (gid_obj == Py_None) {
+            Py_DECREF(gid_obj);
+            return PyObject_Vectorcall(self->detour, args, 2, NULL);
+        }
+    }
+    else
+        Py_INCREF(gid_obj);
+
+    PyObject *result = NULL, *key_bytes = NULL, *value = NULL, *hashed = NULL;
+    Py_buffer view = {0};
+    Py_ssize_t gid = PyLong_AsSsize_t(gid_obj);
+    if (gid == -1 && PyErr_Occurred())
+        goto done;
+    Py_ssize_t klen;
+    const char *kptr;
+    if (PyUnicode_CheckExact(key)) {            /* its UTF-8, cached in the str object */
+        kptr = PyUnicode_AsUTF8AndSize(key, &klen);
+        if (kptr == NULL)
+            goto done;
+    }
+    else {
+        key_bytes = PyObject_CallOneArg(self->encode_key, key);
+        if (key_bytes == NULL)
+            goto done;
+        if (!PyBytes_Check(key_bytes)) {
+            PyErr_SetString(PyExc_TypeError, "encode_key must return bytes");
+            goto done;
+        }
+        klen = PyBytes_GET_SIZE(key_bytes);
+        kptr = PyBytes_AS_STRING(key_bytes);
+    }
+    if (!(0 < klen && klen <= self->max_key_bytes)) {
+        PyErr_Format(self->invalid_key, "key must be 1 to %zd bytes, got %zd",
+                     self->max_key_bytes, klen);
+        goto done;
+    }
+    if (gid < 0 || gid >= PyTuple_GET_SIZE(self->seeds)) {
+        PyErr_SetString(PyExc_IndexError, "list index out of range");
+        goto done;
+    }
+    unsigned long long digest;
+    if (self->xxh3 != NULL)
+        digest = self->xxh3(kptr, (size_t)klen, self->seed_words[gid]);
+    else {
+        if (key_bytes == NULL && (key_bytes = PyBytes_FromStringAndSize(kptr, klen)) == NULL)
+            goto done;
+        kptr = PyBytes_AS_STRING(key_bytes);
+        PyObject *hash_args[2] = {key_bytes, PyTuple_GET_ITEM(self->seeds, gid)};
+        hashed = PyObject_Vectorcall(self->digest, hash_args, 2, NULL);
+        if (hashed == NULL)
+            goto done;
+        digest = PyLong_AsUnsignedLongLong(hashed);
+        if (digest == (unsigned long long)-1 && PyErr_Occurred())
+            goto done;
+    }
+    Py_ssize_t bucket = (Py_ssize_t)(digest % (unsigned long long)self->nbuckets);
+    Py_ssize_t seq_off = self->stripes_off + (bucket % self->nstripes) * 4;
+    Py_ssize_t bucket_off = self->buckets_off + bucket * 4;
+
+    if (PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0)
+        goto done;
+    uint8_t *base = view.buf;
+    Py_ssize_t size = view.len;
+    if (size < self->pages_end || seq_off + 4 > size || bucket_off + 4 > size) {
+        PyErr_SetString(PyExc_ValueError, "the arena is smaller than its layout");
+        goto done;
+    }
+    const uint32_t *seq_word = (const uint32_t *)(base + seq_off);
+    const Py_ssize_t ihb = self->item_header_bytes;
+    uint8_t head[32];
+    uint32_t state = 0, frac = 0, seconds = 0;
+    Py_ssize_t found = 0, hops = 0;
+    int attempts = self->read_attempts;
+    while (attempts) {
+        attempts--;
+        uint32_t seq = __atomic_load_n(seq_word, __ATOMIC_ACQUIRE);
+        if (seq & 1) {
+            /* Let the mmap go while other threads run: a close meanwhile must succeed
+             * (then the next read raises ValueError, as in the Python reader). */
+            PyBuffer_Release(&view);
+            Py_BEGIN_ALLOW_THREADS
+            sched_yield();
+            Py_END_ALLOW_THREADS
+            if (PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0)
+                goto done;
+            if (view.buf != base || view.len != size) {
+                PyErr_SetString(PyExc_ValueError, "the arena's mapping changed");
+                goto done;
+            }
+            continue;
+        }
+        uint32_t ref = __atomic_load_n((const uint32_t *)(base + bucket_off), __ATOMIC_RELAXED);
+        found = hops = 0;
+        while (ref) {
+            Py_ssize_t offset = (Py_ssize_t)ref << 3;
+            if (offset < self->low || offset > self->high || hops == self->max_chain)
+                break;                              /* torn, or long: the checks below decide */
+            memcpy(head, base + offset, (size_t)ihb);
+            BARRIER();                              /* decode the copy, never shared memory */
+            ref = get_u32(head + self->o_chain);
+            state = head[self->o_state];
+            uint32_t item_klen = head[self->o_klen], item_gid = head[self->o_gid];
+            frac = head[self->o_frac];
+            seconds = get_u32(head + self->o_seconds);
+            uint32_t vlen = get_u32(head + self->o_vlen);
+            if (item_klen == (uint32_t)klen && item_gid == (uint32_t)gid && (state & 1)) {
+                Py_ssize_t start = offset + ihb;
+                if (start + klen <= size && memcmp(base + start, kptr, (size_t)klen) == 0) {
+                    start += klen;
+                    if ((Py_ssize_t)vlen <= self->max_item && start + (Py_ssize_t)vlen <= self->pages_end) {
+                        value = PyBytes_FromStringAndSize((const char *)base + start, vlen);
+                        if (value == NULL)
+                            goto done;
+                        found = offset;
+                    }
+                    break;
+                }
+            }
+            hops++;
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(seq_word, __ATOMIC_RELAXED) != seq) {
+            Py_CLEAR(value);
+            continue;
+        }
+        if (!found) {
+            if (hops == self->max_chain)
+                break;
+            PyBuffer_Release(&view);
+            if (count(self, gid, self->misses) == 0) {
+                result = Py_None;
+                Py_INCREF(result);
+            }
+            goto done;
+        }
+        double expiry = (double)seconds + (double)frac * (1.0 / 256);
+        if (seconds && expiry <= now()) {
+            double window = 0;
+            if (self->stale) {
+                Py_ssize_t at = self->stale_off + gid * self->group_record_bytes;
+                if (at + 8 > size) {
+                    PyErr_SetString(PyExc_ValueError, "the arena is smaller than its layout");
+                    goto done;
+                }
+                memcpy(&window, base + at, 8);
+            }
+            if (!self->stale || expiry + window <= now()) {
+                PyBuffer_Release(&view);
+                Py_CLEAR(value);
+                if (count(self, gid, self->misses) == 0) {
+                    result = Py_None;
+                    Py_INCREF(result);
+                }
+                goto done;
+            }
+        }
+        Py_ssize_t bit = (found - self->low) / self->refbit_granule;
+        Py_ssize_t byte_off = self->refbits_off + (bit >> 3);
+        uint8_t mask = (uint8_t)(1 << (bit & 7));
+        volatile uint8_t *refbyte = base + byte_off;
+        if (byte_off < size && !(*refbyte & mask))  /* write only when it changes: hot */
+            *refbyte |= mask;                       /* items stay read-only cache lines */
+        PyBuffer_Release(&view);
+        if (state != (uint32_t)self->state_live) {
+            if (state == (uint32_t)self->state_negative) {
+                Py_CLEAR(value);
+                if (count(self, gid, self->negative_kind) == 0) {
+                    result = self->negative;
+                    Py_INCREF(result);
+                }
+                goto done;
+            }
+            if (count(self, gid, self->hot_hits) < 0)
+                goto done;
+        }
+        if (count(self, gid, self->hits) < 0)
+            goto done;
+        if (self->with_expiry) {
+            PyObject *when = seconds ? PyFloat_FromDouble(expiry) : Py_NewRef(Py_None);
+            if (when == NULL)
+                goto done;
+            result = PyTuple_Pack(3, value, when,
+                                  state != (uint32_t)self->state_live ? Py_True : Py_False);
+            Py_DECREF(when);
+        }
+        else {
+            result = value;
+            value = NULL;
+        }
+        goto done;
+    }
+    PyBuffer_Release(&view);
+    if (key_bytes == NULL && (key_bytes = PyBytes_FromStringAndSize(kptr, klen)) == NULL)
+        goto done;
+    result = locked(self, gid_obj, gid, key_bytes);
+done:
+    if (view.obj != NULL)
+        PyBuffer_Release(&view);
+    Py_XDECREF(value);
+    Py_XDECREF(hashed);
+    Py_XDECREF(key_bytes);
+    Py_DECREF(gid_obj);
+    return result;
+}
+
+static int
+get_size(PyObject *layout, const char *name, Py_ssize_t *out)
+{
+    PyObject *item = PyDict_GetItemString(layout, name);
+    if (item == NULL) {
+        PyErr_Format(PyExc_KeyError, "layout lacks %s", name);
+        return -1;
+    }
+    *out = PyLong_AsSsize_t(item);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int
+get_int(PyObject *layout, const char *name, int *out, int low, int high)
+{
+    Py_ssize_t value;
+    if (get_size(layout, name, &value) < 0)
+        return -1;
+    if (value < low || value > high) {
+        PyErr_Format(PyExc_ValueError, "layout %s out of range: %zd", name, value);
+        return -1;
+    }
+    *out = (int)value;
+    return 0;
+}
+
+static int
+use_library(Reader *self, PyObject *library)
+{
+    /* Take XXH3_64bits_withSeed from the (already loaded) library file ``library`` if it
+     * is there and agrees with self->digest; else leave self->xxh3 NULL. -1 on an error. */
+    PyObject *path = NULL;
+    if (!PyUnicode_FSConverter(library, &path))
+        return -1;
+    void *handle = dlopen(PyBytes_AS_STRING(path), RTLD_NOW | RTLD_NOLOAD);
+    Py_DECREF(path);
+    if (handle == NULL)
+        return 0;
+    uint64_t (*xxh3)(const void *, size_t, uint64_t) =
+        (uint64_t (*)(const void *, size_t, uint64_t))dlsym(handle, "XXH3_64bits_withSeed");
+    dlclose(handle);          /* the module keeps it loaded (we asked for it with NOLOAD) */
+    if (xxh3 == NULL)
+        return 0;
+    Py_ssize_t nseeds = PyTuple_GET_SIZE(self->seeds);
+    self->seed_words = PyMem_Calloc(nseeds ? nseeds : 1, sizeof(uint64_t));
+    if (self->seed_words == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nseeds; i++) {
+        self->seed_words[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(self->seeds, i));
+        if (self->seed_words[i] == (uint64_t)-1 && PyErr_Occurred())
+            return -1;
+    }
+    /* every length class of XXH3 (1-3, 4-8, 9-16, 17-128, 129-240, longer), several seeds */
+    static const size_t lengths[] = {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 64, 127, 128, 129,
+                                     200, 240, 241, 250, 300};
+    char data[300];
+    for (size_t i = 0; i < sizeof(data); i++)
+        data[i] = (char)(i * 131 + 7);
+    for (size_t l = 0; l < sizeof(lengths) / sizeof(lengths[0]); l++) {
+        for (Py_ssize_t s = 0; s < (nseeds < 3 ? nseeds : 3); s++) {
+            PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)lengths[l]);
+            if (bytes == NULL)
+                return -1;
+            PyObject *hash_args[2] = {bytes, PyTuple_GET_ITEM(self->seeds, s)};
+            PyObject *hashed = PyObject_Vectorcall(self->digest, hash_args, 2, NULL);
+            Py_DECREF(bytes);
+            if (hashed == NULL)
+                return -1;
+            unsigned long long want = PyLong_AsUnsignedLongLong(hashed);
+            Py_DECREF(hashed);
+            if (want == (unsigned long long)-1 && PyErr_Occurred())
+                return -1;
+            if (xxh3(data, lengths[l], self->seed_words[s]) != want)
+                return 0;                               /* not the same function: call it */
+        }
+    }
+    self->xxh3 = xxh3;
+    return 0;
+}
+
+static PyObject *
+reader_xxh3_direct(Reader *self, void *closure)
+{
+    return PyBool_FromLong(self->xxh3 != NULL);
+}
+
+static PyGetSetDef reader_getset[] = {
+    {"xxh3_direct", (getter)reader_xxh3_direct, NULL,
+     "True if it hashes with the xxhash library's function directly", NULL},
+    {NULL},
+};
+
+static PyObject *
+reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"buf", "group_ids", "seeds", "resolve_group", "locked_lookup",
+                            "counts", "detour", "negative", "encode_key", "invalid_key",
+                            "digest", "layout", "with_expiry", "stale", "xxh3_library", NULL};
+    PyObject *buf, *group_ids, *seeds, *resolve_group, *locked_lookup, *counts, *detour;
+    PyObject *negative, *encode_key, *invalid_key, *digest, *layout;
+    int with_expiry = 0, stale = 0;
+    PyObject *library = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OOOOOOOOOO!|ppO", names, &buf,
+                                     &PyDict_Type, &group_ids, &seeds, &resolve_group,
+                                     &locked_lookup, &counts, &detour, &negative, &encode_key,
+                                     &invalid_key, &digest, &PyDict_Type, &layout,
+                                     &with_expiry, &stale, &library))
+        return NULL;
+    if (!PyObject_CheckBuffer(buf)) {
+        PyErr_SetString(PyExc_TypeError, "buf must support the buffer protocol");
+        return NULL;
+    }
+    PyObject *seed_tuple = PySequence_Tuple(seeds);
+    if (seed_tuple == NULL)
+        return NULL;
+    Reader *self = PyObject_GC_New(Reader, type);
+    if (self == NULL) {
+        Py_DECREF(seed_tuple);
+        return NULL;
+    }
+    self->vectorcall = reader_vectorcall;
+    self->xxh3 = NULL;
+    self->seed_words = NULL;
+    self->buf = Py_NewRef(buf);
+    self->group_ids = Py_NewRef(group_ids);
+    self->seeds = seed_tuple;
+    self->resolve_group = Py_NewRef(resolve_group);
+    self->locked_lookup = Py_NewRef(locked_lookup);
+    self->counts = Py_NewRef(counts);
+    self->detour = Py_NewRef(detour);
+    self->negative = Py_NewRef(negative);
+    self->encode_key = Py_NewRef(encode_key);
+    self->invalid_key = Py_NewRef(invalid_key);
+    self->digest = Py_NewRef(digest);
+    self->with_expiry = with_expiry;
+    self->stale = stale;
+    PyObject_GC_Track(self);
+    if (get_size(layout, "nbuckets", &self->nbuckets) < 0
+        || get_size(layout, "nstripes", &self->nstripes) < 0
+        || get_size(layout, "stripes_off", &self->stripes_off) < 0
+        || get_size(layout, "buckets_off", &self->buckets_off) < 0
+        || get_size(layout, "refbits_off", &self->refbits_off) < 0
+        || get_size(layout, "low", &self->low) < 0
+        || get_size(layout, "high", &self->high) < 0
+        || get_size(layout, "pages_end", &self->pages_end) < 0
+        || get_size(layout, "max_item", &self->max_item) < 0
+        || get_size(layout, "stale_off", &self->stale_off) < 0
+        || get_size(layout, "group_record_bytes", &self->group_record_bytes) < 0
+        || get_size(layout, "item_header_bytes", &self->item_header_bytes) < 0
+        || get_size(layout, "max_key_bytes", &self->max_key_bytes) < 0
+        || get_size(layout, "refbit_granule", &self->refbit_granule) < 0
+        || get_size(layout, "per_group", &self->per_group) < 0
+        || get_int(layout, "read_attempts", &self->read_attempts, 0, 1 << 20) < 0
+        || get_int(layout, "max_chain", &self->max_chain, 0, 1 << 20) < 0
+        || get_int(layout, "state_live", &self->state_live, 0, 255) < 0
+        || get_int(layout, "state_negative", &self->state_negative, 0, 255) < 0
+        || get_int(layout, "hits", &self->hits, 0, 1 << 16) < 0
+        || get_int(layout, "misses", &self->misses, 0, 1 << 16) < 0
+        || get_int(layout, "hot_hits", &self->hot_hits, 0, 1 << 16) < 0
+        || get_int(layout, "negative_kind", &self->negative_kind, 0, 1 << 16) < 0
+        || get_int(layout, "o_chain", &self->o_chain, 0, 28) < 0
+        || get_int(layout, "o_state", &self->o_state, 0, 31) < 0
+        || get_int(layout, "o_klen", &self->o_klen, 0, 31) < 0
+        || get_int(layout, "o_gid", &self->o_gid, 0, 31) < 0
+        || get_int(layout, "o_frac", &self->o_frac, 0, 31) < 0
+        || get_int(layout, "o_seconds", &self->o_seconds, 0, 28) < 0
+        || get_int(layout, "o_vlen", &self->o_vlen, 0, 28) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (self->nbuckets <= 0 || self->nstripes <= 0 || self->refbit_granule <= 0
+        || self->item_header_bytes < 16 || self->item_header_bytes > 32
+        || self->o_chain + 4 > self->item_header_bytes
+        || self->o_seconds + 4 > self->item_header_bytes
+        || self->o_vlen + 4 > self->item_header_bytes
+        || self->low < 0 || self->high + self->item_header_bytes > self->pages_end) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent layout");
+        Py_DECREF(self);
+        return NULL;
+    }
+    if (library != Py_None && use_library(self, library) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+reader_traverse(Reader *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->buf);
+    Py_VISIT(self->group_ids);
+    Py_VISIT(self->seeds);
+    Py_VISIT(self->resolve_group);
+    Py_VISIT(self->locked_lookup);
+    Py_VISIT(self->counts);
+    Py_VISIT(self->detour);
+    Py_VISIT(self->negative);
+    Py_VISIT(self->encode_key);
+    Py_VISIT(self->invalid_key);
+    Py_VISIT(self->digest);
+    return 0;
+}
+
+static int
+reader_clear(Reader *self)
+{
+    Py_CLEAR(self->buf);
+    Py_CLEAR(self->group_ids);
+    Py_CLEAR(self->seeds);
+    Py_CLEAR(self->resolve_group);
+    Py_CLEAR(self->locked_lookup);
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->detour);
+    Py_CLEAR(self->negative);
+    Py_CLEAR(self->encode_key);
+    Py_CLEAR(self->invalid_key);
+    Py_CLEAR(self->digest);
+    return 0;
+}
+
+static void
+reader_dealloc(Reader *self)
+{
+    PyObject_GC_UnTrack(self);
+    reader_clear(self);
+    PyMem_Free(self->seed_words);
+    PyObject_GC_Del(self);
+}
+
+static PyObject *
+reader_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    return PyVectorcall_Call(self, args, kwargs);
+}
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmcache._native.Reader",
+    .tp_doc = "get(group, key): reader.py's lock-free read, in C",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Reader, vectorcall),
+    .tp_call = reader_call,
+    .tp_new = reader_new,
+    .tp_traverse = (traverseproc)reader_traverse,
+    .tp_clear = (inquiry)reader_clear,
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_getset = reader_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "shmcache._native",
+    "reader.py's lock-free read path, in C (optional).", -1, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    ONE = PyLong_FromLong(1);
+    if (ONE == NULL || PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Reader", (PyObject *)&ReaderType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
