@@ -12,7 +12,9 @@ the worker's epoll loop (httpserver.py), its answer a Future completed on the lo
     receive      the status line, headers and a Content-Length (or chunked, or until-close)
                  body; then the connection goes back to its peer's idle pool
 
-Each peer keeps up to POOL_SIZE idle keep-alive connections. An idle connection stays
+Each peer keeps up to POOL_SIZE idle keep-alive connections, and has at most
+MAX_CONNECTIONS open at once (as many as a worker has threads by default): a fetch beyond
+that waits for a connection to come free, within its read timeout. An idle connection stays
 registered with the loop, so a peer closing it is noticed (and it is dropped) without a
 system call per request. A reused connection that the peer closed before answering is
 retried once on a new one, as PeerClient does.
@@ -28,6 +30,7 @@ then kept for RESOLVE_TTL seconds; peers named by IP address never block.
 Everything here runs on the loop's thread only.
 """
 
+import collections
 import errno
 import logging
 import os
@@ -44,6 +47,7 @@ from .tls import trust_of, verify_problem
 log = logging.getLogger("shmcache")
 
 RESOLVE_TTL = 60.0
+MAX_CONNECTIONS = 64         # open connections per peer, idle or busy
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _CONNECT, _HANDSHAKE, _SEND, _RECEIVE, _IDLE = range(5)
@@ -56,6 +60,8 @@ class PeerFetcher:
     def __init__(self, loop):
         self.loop = loop
         self._idle = {}            # peer url -> [_Connection] ready for a request
+        self._open = collections.Counter()   # peer url -> connections open
+        self._waiting = {}         # peer url -> deque of _Exchanges waiting for a connection
         self._addresses = {}       # (host, port) -> (resolved at, [sockaddr])
 
     def in_loop(self):
@@ -73,22 +79,59 @@ class PeerFetcher:
 
     # -- connections ----------------------------------------------------------------------
 
-    def checkout(self, client):
-        """An idle connection to ``client``'s peer, or None."""
-        idle = self._idle.get(client.url)
+    def acquire(self, exchange):
+        """Start ``exchange`` on an idle connection, else on a new one, else (the peer has
+        MAX_CONNECTIONS open) once one comes free."""
+        url = exchange.client.url
+        idle = self._idle.get(url)
         while idle:
             connection = idle.pop()
             if connection.alive:
-                return connection
+                exchange.reuse(connection)
+                return
+        if self._open[url] < MAX_CONNECTIONS:
+            exchange.connect()
+        else:
+            self._waiting.setdefault(url, collections.deque()).append(exchange)
+            exchange.wait()
+
+    def _next_waiting(self, url):
+        """The first exchange still waiting for a connection to ``url``, or None."""
+        waiting = self._waiting.get(url)
+        while waiting:
+            exchange = waiting.popleft()
+            if not exchange.result.done():
+                return exchange
         return None
 
     def checkin(self, connection):
+        """A connection whose answer was read whole: to a waiting fetch, or idle."""
+        exchange = self._next_waiting(connection.url)
+        if exchange is not None:
+            exchange.reuse(connection)
+            return
         idle = self._idle.setdefault(connection.url, [])
         if len(idle) < POOL_SIZE:
             connection.idle()
             idle.append(connection)
         else:
             connection.close()
+
+    def opened(self, url):
+        self._open[url] += 1
+
+    def closed(self, url):
+        """A connection to ``url`` closed: a waiting fetch may open one (soon, not from
+        inside whatever closed it)."""
+        self._open[url] -= 1
+        if self._waiting.get(url):
+            self.loop.call_later(0, lambda: self._connect_waiting(url))
+
+    def _connect_waiting(self, url):
+        if self._open[url] < MAX_CONNECTIONS:
+            exchange = self._next_waiting(url)
+            if exchange is not None:
+                exchange.connect()
 
     def addresses(self, host, port):
         """Where ``host:port`` is: getaddrinfo's answers, kept a while. OSError if none."""
@@ -100,6 +143,7 @@ class PeerFetcher:
         return known[1]
 
     def close(self):
+        self._waiting.clear()
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()
@@ -108,12 +152,13 @@ class PeerFetcher:
 
 class _Connection:
     """One socket to a peer (and its TLS session over memory buffers, for https://)."""
-    __slots__ = ("loop", "url", "sock", "fd", "tls", "incoming", "outgoing", "alive",
-                 "handler", "events")
+    __slots__ = ("fetcher", "loop", "url", "sock", "fd", "tls", "incoming", "outgoing",
+                 "alive", "handler", "events")
 
-    def __init__(self, loop, url, family):
-        self.loop, self.url = loop, url
+    def __init__(self, fetcher, url, family):
+        self.fetcher, self.loop, self.url = fetcher, fetcher.loop, url
         self.sock = socket.socket(family, socket.SOCK_STREAM)
+        fetcher.opened(url)
         self.sock.setblocking(False)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.fd = self.sock.fileno()
@@ -121,7 +166,7 @@ class _Connection:
         self.alive = True
         self.handler = None            # the exchange using it, told of every event
         self.events = _OUT
-        loop.watch(self.fd, _OUT, self._on_event)
+        self.loop.watch(self.fd, _OUT, self._on_event)
 
     def want(self, events):
         if events != self.events:
@@ -154,6 +199,7 @@ class _Connection:
             self.alive = False
             self.loop.unwatch(self.fd)
             self.sock.close()
+            self.fetcher.closed(self.url)
 
 
 class _Exchange:
@@ -176,13 +222,22 @@ class _Exchange:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self):
-        connection = self.fetcher.checkout(self.client)
-        if connection is not None:
-            self.reused = True
-            self._use(connection)
-            self._send_request()
-            return
+        self.fetcher.acquire(self)
+
+    def reuse(self, connection):
+        """Send on ``connection``, a kept-alive one."""
+        self.reused = True
+        self._use(connection)
+        self._send_request()
+
+    def wait(self):
+        """Wait for a connection (``fetcher.acquire`` calls ``reuse`` or ``connect``)."""
+        self._deadline(self.client.read_timeout, "timed out waiting for a connection")
+
+    def connect(self):
+        """Send on a new connection."""
         self.reused = False
+        self._finish()
         try:
             self.addresses = list(self.fetcher.addresses(self.client.host, self.client.port))
         except OSError as exc:
@@ -236,14 +291,7 @@ class _Exchange:
     def _retry(self):
         self.retried = True
         self.connection.close()
-        self.reused = False
-        self._finish()
-        try:
-            self.addresses = list(self.fetcher.addresses(self.client.host, self.client.port))
-        except OSError as exc:
-            self._fail(f"cannot resolve {self.client.host}: {exc.strerror or exc}")
-            return
-        self._connect()
+        self.connect()
 
     # -- connect and handshake -----------------------------------------------------------------
 
@@ -252,7 +300,7 @@ class _Exchange:
         family, address = self.addresses.pop(0)
         self.state = _CONNECT
         try:
-            connection = _Connection(self.fetcher.loop, self.client.url, family)
+            connection = _Connection(self.fetcher, self.client.url, family)
         except OSError as exc:
             self._fail(exc.strerror or str(exc))
             return

@@ -14,6 +14,7 @@ import pytest
 from shmcache.errors import NotFound, PeerUnavailable
 from shmcache.http_front import PROTOBUF, encode_get_response, then
 from shmcache.httpserver import HttpServer, error, render
+from shmcache import peer_fetch
 from shmcache.peer_fetch import PeerFetcher
 from shmcache.peers import PeerClient, PeerError
 
@@ -182,3 +183,21 @@ def test_chunked_and_close_delimited_answers_are_read_whole(stoppers, framing, c
         assert asker.ask("k") == f"value {'v' * 3000} None"
     finally:
         sock.close()
+
+
+def test_fetches_beyond_the_connection_cap_wait_for_a_free_connection(stoppers, monkeypatch):
+    monkeypatch.setattr(peer_fetch, "MAX_CONNECTIONS", 2)
+    owner = Owner()
+    stoppers.append(owner.server)
+    asker = asker_for(owner.url, stoppers)
+    answers = {}
+
+    def ask(index):
+        answers[index] = asker.ask(f"k{index}")
+    threads = [threading.Thread(target=ask, args=(index,)) for index in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == {index: f"value value-of-k{index} 1000000000.0" for index in range(30)}
+    assert len(owner.connections) <= 2
