@@ -4,6 +4,10 @@ singleflight load), set and delete, and the process around them (signals, boot, 
 The worker's ``__init__`` runs in the supervisor before fork and touches nothing process-wide;
 ``init_process()`` runs in the child after fork. A worker that cannot boot exits with
 WORKER_BOOT_ERROR, and the supervisor stops instead of respawning it forever.
+
+A miss another host owns is fetched from it on the worker's event loop (peer_fetch.py); the
+environment variable SHMCACHE_PEER_FETCH=pool makes the worker fetch on its thread pool
+with blocking requests instead, as it did before (benchmarks compare the two).
 """
 
 import ctypes
@@ -19,6 +23,7 @@ import psutil
 
 from .arena import OWNER_LOCK_BYTE, retire
 from .errors import NotFound, PeerUnavailable, ValueTooLarge
+from .http_front import settle
 from .lru_index import encode_key
 from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER_ERRORS,
                       PEER_LOADS, host_stats, processes)
@@ -161,7 +166,7 @@ class Node:
                     result.set_result(answer)
                     return
                 fallback = self.pool.submit(self._load_here, group, key)
-                fallback.add_done_callback(lambda loaded: _settle(result, loaded))
+                fallback.add_done_callback(lambda loaded: settle(result, loaded))
             except BaseException as exc:              # a bug: the request gets a 500
                 if not result.done():
                     result.set_exception(exc)
@@ -603,15 +608,6 @@ class Worker:
             log.warning("worker %d: supervisor %d is gone; stopping", self.index,
                         self.supervisor_pid)
             self.server.stop()
-
-
-def _settle(result, done):
-    """Pass the outcome of the Future ``done`` on to the Future ``result``."""
-    exc = done.exception()
-    if exc is not None:
-        result.set_exception(exc)
-    else:
-        result.set_result(done.result())
 
 
 def access_logged(handle):
