@@ -34,6 +34,7 @@ func main() {
 	transport := &http.Transport{MaxIdleConnsPerHost: 16}
 	pool.Transport = func(context.Context) http.RoundTripper { return transport }
 	pool.Set(strings.Split(*peers, ",")...)
+	http.Handle("/_groupcache/", pool)
 
 	group := groupcache.NewGroup("bench", 64<<20, groupcache.GetterFunc(
 		func(ctx context.Context, key string, dest groupcache.Sink) error {
