@@ -23,6 +23,7 @@ import argparse
 import bisect
 import collections
 import http.client
+import json
 import os
 import re
 import shutil
@@ -166,6 +167,17 @@ def go_owner(urls, replicas=50):
     return owner_of
 
 
+def go_counters(ports):
+    """The Go nodes' PeerLoads and PeerErrors, summed."""
+    totals = collections.Counter()
+    for port in ports:
+        connection = http.client.HTTPConnection("127.0.0.1", port)
+        connection.request("GET", "/stats")
+        stats = json.loads(connection.getresponse().read())
+        totals.update(PeerLoads=stats["PeerLoads"], PeerErrors=stats["PeerErrors"])
+    return totals
+
+
 def stop_all(procs):
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
@@ -193,6 +205,8 @@ def versus_go(seconds, keys):
                 lat = latencies(ports, urls, names, owner_of)
                 # Hot copies are off: the second ask of each key is a remote hit too.
                 remote = lat["remote hit (via owner)"] + lat["hot-copy hit"]
+                if owner_of is not None:       # the Go nodes' remote hits came from owners
+                    results["go counters"] = go_counters(ports)
                 throughput(ports, 2, 20000)                        # warm: load every key
                 rates, errors = throughput(ports, seconds, 20000)
             finally:
@@ -209,6 +223,7 @@ def print_versus_go(results, reason, seconds, keys):
         return
     print(f"\nversus golang/groupcache, 3 nodes each (shmcache: 4 workers each), hot copies off, "
           f"{keys} keys x 2 remote asks, wrk -t1 -c16 per host for {seconds} s over 20,000 keys:")
+    counters = results.pop("go counters")
     go_remote, go_rates, _ = results["golang/groupcache"]
     go_p50, go_p99 = percentile(go_remote, 0.5), percentile(go_remote, 0.99)
     go_rate = sum(go_rates) if go_rates else None
@@ -224,8 +239,9 @@ def print_versus_go(results, reason, seconds, keys):
         rate_pool = f"{rate / sum(pool_rates):9.2f}x" if rate and pool_rates else f"{'-':>10}"
         print(f"{label:22} {p50:13.3f} {p99:8.3f} {p50 / go_p50:6.2f}x {rate_text} {rate_go} "
               f"{p50 / pool_p50:7.2f}x {rate_pool} {errors if rates else '-':>7}")
-    print(f"  (Go remote p50 {go_p50:.3f} ms, p99 {go_p99:.3f} ms; goal: shmcache on the loop "
-          f"p50 <= 1.0x Go's, req/s >= 1.0x Go's)")
+    print(f"  (Go: {counters['PeerLoads']} peer loads for {len(go_remote)} remote asks, "
+          f"{counters['PeerErrors']} peer errors; goal: shmcache on the loop p50 <= 1.0x Go's, "
+          f"req/s >= 1.0x Go's)")
 
 
 def ring_simulation(hosts=1000, keys=1_000_000):
