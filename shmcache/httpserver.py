@@ -174,6 +174,7 @@ class HttpServer:
         self._listening = False
         self._watched = {}                   # fd -> callback(events), see ``watch``
         self._timers = []                    # heap of (when, sequence, Timer)
+        self._compact_at = 4096              # heap size that makes call_later drop cancelled
         self._sequence = itertools.count()
         self._loop_thread = None             # ident of the thread running ``serve``
 
@@ -203,7 +204,12 @@ class HttpServer:
     def call_later(self, delay, function):
         """Run ``function()`` on the loop in ``delay`` seconds; a Timer to cancel it."""
         timer = Timer(function)
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._sequence), timer))
+        timers = self._timers
+        if len(timers) >= self._compact_at:     # most are cancelled deadlines: drop them
+            timers[:] = [entry for entry in timers if entry[2].function is not None]
+            heapq.heapify(timers)
+            self._compact_at = max(4096, 2 * len(timers))
+        heapq.heappush(timers, (time.monotonic() + delay, next(self._sequence), timer))
         return timer
 
     def _run_timers(self, now):

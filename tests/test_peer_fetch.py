@@ -201,3 +201,17 @@ def test_fetches_beyond_the_connection_cap_wait_for_a_free_connection(stoppers, 
         thread.join()
     assert answers == {index: f"value value-of-k{index} 1000000000.0" for index in range(30)}
     assert len(owner.connections) <= 2
+
+
+def test_cancelled_timers_do_not_pile_up():
+    sock, _port = listening()
+    server = HttpServer(sock, lambda request: b"")
+    try:
+        fired = []
+        for index in range(20000):
+            server.call_later(60, lambda: fired.append(1)).cancel()
+        server.call_later(60, lambda: fired.append(2))
+        assert len(server._timers) < 8192
+        assert [entry[2].function is not None for entry in server._timers].count(True) == 1
+    finally:
+        sock.close()
