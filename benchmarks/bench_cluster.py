@@ -10,11 +10,20 @@
    (Python threads when wrk is missing).
 3. A simulation of the ring at 1,000 hosts (no processes): balance and keys moved when a
    host joins or leaves, against the ideal 1/(N+1).
+4. Against golang/groupcache, when Go and Debian's golang-github-golang-groupcache-dev are
+   installed (apt-get install golang-go golang-github-golang-groupcache-dev): three Go nodes
+   (go_groupcache_node/main.go, built offline from the Debian source) beside three shmcache
+   hosts fetching from owners on the event loop, and three fetching on the thread pool (the
+   path before: SHMCACHE_PEER_FETCH=pool). Hot copies off everywhere (--hot-fraction 0;
+   the Go build gets its 1-in-10 hot copy switched off). Remote-hit p50/p99 and random-key
+   throughput, as ratios to Go's.
 """
 
 import argparse
+import bisect
 import collections
 import http.client
+import json
 import os
 import re
 import shutil
@@ -23,18 +32,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
-from harness import free_port, start_supervisor  # noqa: E402
+from harness import free_port, start_supervisor, wait_http  # noqa: E402
 from shmcache.ring import VNODES, Ring  # noqa: E402
 
 
-def start_cluster(count=3, workers=4, hot_fraction=1.0):
+GROUPCACHE_SOURCE = "/usr/share/gocode/src/github.com/golang"
+GO_NODE = os.path.join(HERE, "go_groupcache_node", "main.go")
+
+
+def start_cluster(count=3, workers=4, hot_fraction=1.0, env=None):
     ports = [free_port() for _ in range(count)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    procs = [start_supervisor("bench_app:groups", workers, port=port,
+    procs = [start_supervisor("bench_app:groups", workers, port=port, env=env,
                               extra=["--peers", ",".join(urls), "--hot-fraction", str(hot_fraction)])[0]
              for port in ports]
     return procs, ports, urls
@@ -57,12 +71,14 @@ def percentile(samples, fraction):
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000
 
 
-def latencies(ports, urls, keys):
-    ring = Ring(urls)
+def latencies(ports, urls, keys, owner_of=None):
+    """Samples of local, remote and second-ask hits; ``owner_of(key)`` is the owner's URL
+    (shmcache's ring if not given)."""
+    owner_of = owner_of or Ring(urls).owner_of
     connections = [http.client.HTTPConnection("127.0.0.1", port) for port in ports]
     by_owner = collections.defaultdict(list)
     for key in keys:
-        by_owner[urls.index(ring.owner_of(key))].append(key)
+        by_owner[urls.index(owner_of(key))].append(key)
     local, remote, hot = [], [], []
     for owner, owned in by_owner.items():
         other = (owner + 1) % len(ports)
@@ -99,6 +115,135 @@ end
     return rates, errors
 
 
+def build_go_node(workdir):
+    """The Go node's binary, built in ``workdir`` from the Debian groupcache source with
+    its random hot copies switched off (no network: GOPATH mode); or (None, reason)."""
+    go = shutil.which("go")
+    if not go:
+        return None, "Go is not installed (apt-get install golang-go)"
+    if not os.path.isdir(os.path.join(GROUPCACHE_SOURCE, "groupcache")):
+        return None, "golang/groupcache is not installed (apt-get install golang-github-golang-groupcache-dev)"
+    gopath = os.path.join(workdir, "gopath")
+    shutil.copytree(GROUPCACHE_SOURCE, os.path.join(gopath, "src", "github.com", "golang"))
+    source = os.path.join(gopath, "src", "github.com", "golang", "groupcache", "groupcache.go")
+    with open(source) as file:
+        text = file.read()
+    hot = "if rand.Intn(10) == 0 {"
+    if hot not in text:
+        return None, "this groupcache version's hot copies cannot be switched off"
+    with open(source, "w") as file:
+        file.write(text.replace(hot, "if false && rand.Intn(10) == 0 {"))
+    os.makedirs(os.path.join(gopath, "src", "gonode"))
+    shutil.copy(GO_NODE, os.path.join(gopath, "src", "gonode", "main.go"))
+    binary = os.path.join(workdir, "gonode")
+    env = {**os.environ, "GOPATH": gopath, "GO111MODULE": "off", "GOFLAGS": "",
+           "GOPROXY": "off", "GOCACHE": os.path.join(workdir, "gocache")}
+    built = subprocess.run([go, "build", "-o", binary, "gonode"], env=env, cwd=workdir,
+                           capture_output=True, text=True)
+    if built.returncode:
+        return None, f"go build failed: {built.stderr.strip()[-500:]}"
+    return binary, None
+
+
+def start_go_cluster(binary, count=3):
+    ports = [free_port() for _ in range(count)]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    procs = [subprocess.Popen([binary, "-port", str(port), "-self", url, "-peers", ",".join(urls)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for port, url in zip(ports, urls)]
+    for port in ports:
+        wait_http(port)
+    return procs, ports, urls
+
+
+def go_owner(urls, replicas=50):
+    """groupcache's peer picker (consistenthash, crc32, 50 replicas): key -> owner URL."""
+    points = sorted((zlib.crc32(f"{i}{url}".encode()), url) for url in urls for i in range(replicas))
+    hashes = [point[0] for point in points]
+
+    def owner_of(key):
+        at = bisect.bisect_left(hashes, zlib.crc32(key.encode()))
+        return points[at % len(points)][1]
+    return owner_of
+
+
+def go_counters(ports):
+    """The Go nodes' PeerLoads and PeerErrors, summed."""
+    totals = collections.Counter()
+    for port in ports:
+        connection = http.client.HTTPConnection("127.0.0.1", port)
+        connection.request("GET", "/stats")
+        stats = json.loads(connection.getresponse().read())
+        totals.update(PeerLoads=stats["PeerLoads"], PeerErrors=stats["PeerErrors"])
+    return totals
+
+
+def stop_all(procs):
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(60)
+
+
+def versus_go(seconds, keys):
+    """Remote hits and throughput of Go, shmcache on the loop and on the pool; or a reason."""
+    workdir = tempfile.mkdtemp(prefix="bench-go-")
+    try:
+        binary, reason = build_go_node(workdir)
+        if binary is None:
+            return None, reason
+        results = {}
+        names = [f"cmp-{i}" for i in range(keys)]
+        for label, start in (
+                ("golang/groupcache", lambda: start_go_cluster(binary)),
+                ("shmcache, loop fetch", lambda: start_cluster(hot_fraction=0)),
+                ("shmcache, pool fetch", lambda: start_cluster(
+                    hot_fraction=0, env={"SHMCACHE_PEER_FETCH": "pool"}))):
+            procs, ports, urls = start()
+            try:
+                owner_of = go_owner(urls) if label.startswith("golang") else None
+                lat = latencies(ports, urls, names, owner_of)
+                # Hot copies are off: the second ask of each key is a remote hit too.
+                remote = lat["remote hit (via owner)"] + lat["hot-copy hit"]
+                if owner_of is not None:       # the Go nodes' remote hits came from owners
+                    results["go counters"] = go_counters(ports)
+                throughput(ports, 2, 20000)                        # warm: load every key
+                rates, errors = throughput(ports, seconds, 20000)
+            finally:
+                stop_all(procs)
+            results[label] = (remote, rates, errors)
+        return results, None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_versus_go(results, reason, seconds, keys):
+    if results is None:
+        print(f"\nversus golang/groupcache: skipped: {reason}")
+        return
+    print(f"\nversus golang/groupcache, 3 nodes each (shmcache: 4 workers each), hot copies off, "
+          f"{keys} keys x 2 remote asks, wrk -t1 -c16 per host for {seconds} s over 20,000 keys:")
+    counters = results.pop("go counters")
+    go_remote, go_rates, _ = results["golang/groupcache"]
+    go_p50, go_p99 = percentile(go_remote, 0.5), percentile(go_remote, 0.99)
+    go_rate = sum(go_rates) if go_rates else None
+    pool_p50 = percentile(results["shmcache, pool fetch"][0], 0.5)
+    pool_rates = results["shmcache, pool fetch"][1]
+    print(f"{'':22} {'remote p50 ms':>13} {'p99 ms':>8} {'p50/Go':>7} {'req/s':>9} "
+          f"{'req/s/Go':>8} {'p50/pool':>8} {'req/s/pool':>10} {'non-2xx':>7}")
+    for label, (remote, rates, errors) in results.items():
+        p50, p99 = percentile(remote, 0.5), percentile(remote, 0.99)
+        rate = sum(rates) if rates else None
+        rate_text = f"{rate:9,.0f}" if rate else f"{'-':>9}"
+        rate_go = f"{rate / go_rate:7.2f}x" if rate and go_rate else f"{'-':>8}"
+        rate_pool = f"{rate / sum(pool_rates):9.2f}x" if rate and pool_rates else f"{'-':>10}"
+        print(f"{label:22} {p50:13.3f} {p99:8.3f} {p50 / go_p50:6.2f}x {rate_text} {rate_go} "
+              f"{p50 / pool_p50:7.2f}x {rate_pool} {errors if rates else '-':>7}")
+    print(f"  (Go: {counters['PeerLoads']} peer loads for {len(go_remote)} remote asks, "
+          f"{counters['PeerErrors']} peer errors; goal: shmcache on the loop p50 <= 1.0x Go's, "
+          f"req/s >= 1.0x Go's)")
+
+
 def ring_simulation(hosts=1000, keys=1_000_000):
     urls = [f"http://10.{i // 65536}.{i // 256 % 256}.{i % 256}:8001" for i in range(hosts)]
     names = [f"key:{i}".encode() for i in range(keys)]
@@ -122,7 +267,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--keys", type=int, default=2000)
+    parser.add_argument("--only-go", action="store_true",
+                        help="run only the comparison with golang/groupcache (4.)")
     args = parser.parse_args()
+    if args.only_go:
+        print_versus_go(*versus_go(args.seconds, args.keys), args.seconds, args.keys)
+        return
     procs, ports, urls = start_cluster()
     try:
         lat = latencies(ports, urls, [f"lat-{i}" for i in range(args.keys)])
@@ -132,6 +282,7 @@ def main():
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(60)
+    versus = versus_go(args.seconds, args.keys)
     sim = ring_simulation()
 
     print(f"\nhits on loopback, 3 hosts x 4 workers, {args.keys} keys, 100 B values, "
@@ -154,6 +305,7 @@ def main():
           f"ratio {sim['join_moved'] / sim['ideal_join']:.2f})")
     print(f"  a host leaves: {sim['leave_moved']:.4%} of keys move (ideal {sim['ideal_leave']:.4%}, "
           f"ratio {sim['leave_moved'] / sim['ideal_leave']:.2f})")
+    print_versus_go(*versus, args.seconds, args.keys)
     print("\ntarget: remote hit p50 <= 0.5 ms")
 
 

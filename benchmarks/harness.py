@@ -43,16 +43,17 @@ def connect_http(host, port, timeout=None, context=None):
     return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
 
 
-def start_supervisor(app, workers=4, memory="64MiB", extra=(), port=None, context=None):
+def start_supervisor(app, workers=4, memory="64MiB", extra=(), port=None, context=None,
+                     env=None):
     """(process, port, segment name) of a supervisor serving ``app``; it removes its segment
     when stopped with SIGTERM. ``context``: the SSLContext to reach it with when ``extra``
-    makes it serve HTTPS."""
+    makes it serve HTTPS. ``env``: more environment variables for it."""
     port = port or free_port()
     name = f"kcache-bench-{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "shmcache.supervisor", "--workers", str(workers), "--port", str(port),
          "--name", name, "--memory", memory, "--app", app,
-         "--log-level", "warning", *extra], env=ENV)
+         "--log-level", "warning", *extra], env={**ENV, **(env or {})})
     wait_http(port, context=context)
     return proc, port, name
 

@@ -174,14 +174,15 @@ def then(future, transform):
             result.set_exception(exc)
             return
         if isinstance(value, Future):
-            value.add_done_callback(lambda inner: _settle(result, inner))
+            value.add_done_callback(lambda inner: settle(result, inner))
         else:
             result.set_result(value)
     future.add_done_callback(finish)
     return result
 
 
-def _settle(result, done):
+def settle(result, done):
+    """Pass the outcome of the Future ``done`` on to the Future ``result``."""
     exc = done.exception()
     if exc is not None:
         result.set_exception(exc)

@@ -11,6 +11,10 @@ answered in order.
 Handlers: ``handle(request) -> bytes | Future[bytes]``. They must not raise; if one does,
 the client gets a plain 500 and the traceback goes to the log only.
 
+Other parts of the worker may use the loop too, from the loop's own thread: ``watch`` a
+descriptor (a callback per epoll event), ``call_later`` a function (a timer), and a Future
+completed on the loop is answered without waking it (peer_fetch.py fetches from owners so).
+
 Every worker process listens on the same inherited socket; EPOLLEXCLUSIVE wakes one of them
 per new connection.
 
@@ -23,11 +27,14 @@ saying so, then the connection is closed.
 
 import collections
 import errno
+import heapq
+import itertools
 import logging
 import os
 import select
 import socket
 import ssl
+import threading
 import time
 from email.utils import formatdate
 
@@ -133,6 +140,17 @@ class _Connection:
         self.tls = None            # its tls.ServerSession on a TLS front
 
 
+class Timer:
+    """A ``call_later`` that has not run yet; ``cancel()`` keeps it from running."""
+    __slots__ = ("function",)
+
+    def __init__(self, function):
+        self.function = function
+
+    def cancel(self):
+        self.function = None
+
+
 class _BadRequest(Exception):
     def __init__(self, status, reason):
         super().__init__(reason)
@@ -154,6 +172,55 @@ class HttpServer:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         self._listening = False
+        self._watched = {}                   # fd -> callback(events), see ``watch``
+        self._timers = []                    # heap of (when, sequence, Timer)
+        self._compact_at = 4096              # heap size that makes call_later drop cancelled
+        self._sequence = itertools.count()
+        self._loop_thread = None             # ident of the thread running ``serve``
+
+    # -- the loop for others (its own thread only) ---------------------------------------------
+
+    def in_loop(self):
+        """True on the thread running the loop."""
+        return threading.get_ident() == self._loop_thread
+
+    def watch(self, fd, events, callback):
+        """Call ``callback(events)`` on the loop when ``fd`` has any of ``events``."""
+        self._watched[fd] = callback
+        self._epoll.register(fd, events)
+
+    def rewatch(self, fd, events):
+        """Change the events ``fd`` is watched for."""
+        self._epoll.modify(fd, events)
+
+    def unwatch(self, fd):
+        """Stop watching ``fd`` (before closing it)."""
+        if self._watched.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def call_later(self, delay, function):
+        """Run ``function()`` on the loop in ``delay`` seconds; a Timer to cancel it."""
+        timer = Timer(function)
+        timers = self._timers
+        if len(timers) >= self._compact_at:     # most are cancelled deadlines: drop them
+            timers[:] = [entry for entry in timers if entry[2].function is not None]
+            heapq.heapify(timers)
+            self._compact_at = max(4096, 2 * len(timers))
+        heapq.heappush(timers, (time.monotonic() + delay, next(self._sequence), timer))
+        return timer
+
+    def _run_timers(self, now):
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            function = heapq.heappop(timers)[2].function
+            if function is not None:
+                try:
+                    function()
+                except Exception:
+                    log.exception("timer failed")
 
     # -- control ----------------------------------------------------------------------------
 
@@ -178,27 +245,41 @@ class HttpServer:
         epoll.register(self._wake_fd, select.EPOLLIN)
         next_tick = time.monotonic() + tick_interval
         listen_fd = self.listener.fileno()
+        self._loop_thread = threading.get_ident()
+        timers = self._timers
         try:
             while True:
                 if self.stopping:
                     self._begin_drain()
                     if not self.connections:
                         return
-                timeout = max(0.0, next_tick - time.monotonic())
+                wake_at = min(next_tick, timers[0][0]) if timers else next_tick
+                timeout = max(0.0, wake_at - time.monotonic())
                 for fd, events in epoll.poll(timeout):
                     if fd == listen_fd:
                         self._accept()
                     elif fd == self._wake_fd:
+                        try:
+                            os.eventfd_read(self._wake_fd)
+                        except BlockingIOError:
+                            pass
                         self._drain_completions()
                     else:
                         connection = self.connections.get(fd)
                         if connection is None:
+                            callback = self._watched.get(fd)
+                            if callback is not None:
+                                callback(events)
                             continue
                         if events & _READ_EVENTS:
                             self._on_readable(connection)
                         if events & select.EPOLLOUT and self.connections.get(fd) is connection:
                             self._flush(connection)
                 now = time.monotonic()
+                if timers and timers[0][0] <= now:
+                    self._run_timers(now)
+                if self.completed:                # answered on the loop: no wake needed
+                    self._drain_completions()
                 if now >= next_tick:
                     next_tick = now + tick_interval
                     self._expire_timeouts(now)
@@ -366,13 +447,10 @@ class HttpServer:
             log.exception("deferred handler failed")
             response = error(500, "internal error", close=not keep_alive)
         self.completed.append((connection, response, keep_alive))
-        self._wake()
+        if threading.get_ident() != self._loop_thread:
+            self._wake()
 
     def _drain_completions(self):
-        try:
-            os.eventfd_read(self._wake_fd)
-        except BlockingIOError:
-            pass
         while self.completed:
             connection, response, keep_alive = self.completed.popleft()
             if self.connections.get(connection.fd) is not connection:

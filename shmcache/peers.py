@@ -88,6 +88,7 @@ class PeerClient:
         self.base_path = "/" + base_path.strip("/") + "/"
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.header_lines = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
         self._idle = []                   # idle HTTPConnections; guarded by _lock
         self._lock = threading.Lock()
 
@@ -97,11 +98,20 @@ class PeerClient:
     def path(self, group, key):
         return f"{self.base_path}{quote(group, safe='')}/{quote(key, safe='')}"
 
+    @property
+    def tls_context(self):
+        """The SSLContext that verifies this peer (https:// peers only)."""
+        return self._context
+
     def fetch(self, group, key):
         """(value, expiry) from the owner; its GetResponse decoded."""
-        status, body = self.request("GET", self.path(group, key))
+        return self.fetch_answer(*self.request("GET", self.path(group, key)))
+
+    def fetch_answer(self, status, body):
+        """What a fetch answered with ``status`` and ``body`` means: (value, expiry);
+        NotFound on 404, PeerError on other statuses (peer_fetch.py answers alike)."""
         if status == 404:
-            raise NotFound(body.decode(errors="replace").strip() or f"{group}/{key} not found")
+            raise NotFound(body.decode(errors="replace").strip() or "not found")
         return self._value(status, body)
 
     def peek(self, group, key):

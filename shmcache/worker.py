@@ -4,6 +4,10 @@ singleflight load), set and delete, and the process around them (signals, boot, 
 The worker's ``__init__`` runs in the supervisor before fork and touches nothing process-wide;
 ``init_process()`` runs in the child after fork. A worker that cannot boot exits with
 WORKER_BOOT_ERROR, and the supervisor stops instead of respawning it forever.
+
+A miss another host owns is fetched from it on the worker's event loop (peer_fetch.py); the
+environment variable SHMCACHE_PEER_FETCH=pool makes the worker fetch on its thread pool
+with blocking requests instead, as it did before (benchmarks compare the two).
 """
 
 import ctypes
@@ -19,6 +23,7 @@ import psutil
 
 from .arena import OWNER_LOCK_BYTE, retire
 from .errors import NotFound, PeerUnavailable, ValueTooLarge
+from .http_front import settle
 from .lru_index import encode_key
 from .metrics import (LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, PEER_ERRORS,
                       PEER_LOADS, host_stats, processes)
@@ -80,6 +85,7 @@ class Node:
         self.flights = Flights()
         self.host_flights = HostFlights(store, load_timeout)
         self.refreshes = Refreshes(pool.submit)
+        self.fetcher = None        # a PeerFetcher (peer_fetch.py): owners asked on the loop
 
     @property
     def clustered(self):
@@ -124,10 +130,52 @@ class Node:
         (the group's generation is part of the flight's name)."""
         self.store.count(group, LOADS)
         return self.flights.run((group, key, from_peer, self.store.generation(group)),
-                                lambda: self.pool.submit(self._get_slow, group, key, from_peer))
+                                lambda: self._start_get(group, key, from_peer))
+
+    def _start_get(self, group, key, from_peer):
+        """Steps 2 and 3 of the Get path, begun. A key another host owns is fetched from it
+        on the event loop (when the worker has a PeerFetcher and this is its loop); anything
+        that may block (a local load, its host-wide singleflight) runs on the pool."""
+        fetcher = self.fetcher
+        if from_peer or fetcher is None or not fetcher.in_loop():
+            return self.pool.submit(self._get_slow, group, key, from_peer)
+        owner = self.peers.owner_of(key)
+        if owner is None:
+            return self.pool.submit(self._get_slow, group, key, from_peer)
+        self.store.count(group, LOADS_DEDUPED)
+        result = Future()
+        hit = self.store.recheck(group, key)
+        if hit is NOT_FOUND:
+            result.set_exception(NotFound(f"{group}/{key[:100]} does not exist "
+                                          f"(remembered not-found)"))
+            return result
+        if hit is not None:
+            result.set_result((hit[0], hit[1]))
+            return result
+        version = self.store.version(group, key)
+        generation = self.store.generation(group)      # a flush while fetching: no hot copy
+
+        def fetched(done):
+            try:
+                try:
+                    answer = self._fetched(owner, group, key, done.result, version, generation)
+                except NotFound as exc:
+                    result.set_exception(exc)
+                    return
+                if answer is not None:
+                    result.set_result(answer)
+                    return
+                fallback = self.pool.submit(self._load_here, group, key)
+                fallback.add_done_callback(lambda loaded: settle(result, loaded))
+            except BaseException as exc:              # a bug: the request gets a 500
+                if not result.done():
+                    result.set_exception(exc)
+        fetcher.fetch(owner, group, key).add_done_callback(fetched)
+        return result
 
     def _get_slow(self, group, key, from_peer):
-        """Steps 2 and 3 of the Get path. Requests from peers are never forwarded again."""
+        """Steps 2 and 3 of the Get path, on the pool. Requests from peers are never
+        forwarded again."""
         self.store.count(group, LOADS_DEDUPED)
         hit = self.store.recheck(group, key)
         if hit is NOT_FOUND:
@@ -140,19 +188,30 @@ class Node:
                 fetched = self._fetch_from_owner(owner, group, key)
                 if fetched is not None:
                     return fetched
+        return self._load_here(group, key)
+
+    def _load_here(self, group, key):
+        """(value, expiry) loaded on this host (host-wide singleflight)."""
         value = self._load_locally(group, key)
         ttl = self.groups[group].ttl            # about when the value stored here expires
         return value, (time.time() + ttl if ttl else None)
 
     def _fetch_from_owner(self, owner, group, key, keep=False):
-        """(value, expiry) from the owner; None to load locally instead (groupcache's
-        fallback) when the owner cannot be reached or fails. NotFound passes through.
-        A fresh value is kept as a hot copy at random (hot_fraction), always if ``keep``;
-        a stale one (the owner serves it while it refreshes) never is."""
+        """(value, expiry) from the owner over a blocking request (on the pool); None to
+        load locally instead. See ``_fetched``."""
         version = self.store.version(group, key)
         generation = self.store.generation(group)      # a flush while fetching: no hot copy
+        return self._fetched(owner, group, key, lambda: owner.fetch(group, key), version,
+                             generation, keep)
+
+    def _fetched(self, owner, group, key, fetch, version, generation, keep=False):
+        """What the owner's answer means here: (value, expiry) from ``fetch()``; None to
+        load locally instead (groupcache's fallback) when the owner cannot be reached or
+        fails. NotFound passes through. A fresh value is kept as a hot copy at random
+        (hot_fraction), always if ``keep``; a stale one (the owner serves it while it
+        refreshes) never is. ``version`` and ``generation`` were read before the fetch."""
         try:
-            value, expiry = owner.fetch(group, key)
+            value, expiry = fetch()
         except PeerUnavailable as exc:
             self.store.count(group, PEER_ERRORS)
             self.peers.health.failed(owner.url, str(exc))
@@ -374,6 +433,8 @@ class Node:
         self.store.counters.release()
         self.fanout.shutdown(wait=False)
         self.peers.close()
+        if self.fetcher is not None:
+            self.fetcher.close()
 
 
 class Worker:
@@ -499,6 +560,9 @@ class Worker:
             from .tls import server_context
             tls = server_context(config.tls_cert, config.tls_key)
         self.server = HttpServer(self.listener, handle, limits, tls=tls)
+        if peers is not None and os.environ.get("SHMCACHE_PEER_FETCH") != "pool":
+            from .peer_fetch import PeerFetcher
+            node.fetcher = PeerFetcher(self.server)
         log.info("worker %d (pid %d) serving", self.index, os.getpid())
 
     def install_signal_handlers(self):
