@@ -18,6 +18,8 @@ from shmcache.http_front import (BadPath, decode_get_response, decode_set_reques
                                  encode_get_response, encode_set_request, split_group_key)
 from shmcache.httpserver import HttpServer, _BadRequest, _Connection
 
+pytestmark = pytest.mark.chaos
+
 SETTINGS = settings(max_examples=400, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 group_names = st.from_regex(GROUP_NAME, fullmatch=True)

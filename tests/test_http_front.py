@@ -11,6 +11,8 @@ import shmcache
 from shmcache import kcachepb_pb2 as pb
 from shmcache.http_front import (BadPath, decode_get_response, encode_get_response, encode_set_request, split_group_key)
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 SPECIAL_KEYS = ["a/b/c", "with space", "plus+sign", "per%cent", "ünïcödé ✓", "/leading", "q?x=1#f"]
 
