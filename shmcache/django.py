@@ -66,6 +66,7 @@ from .group import Group
 from .locks import LockFile
 from .store import decimal_value
 from .units import parse_size
+from .validate import MAX_SECONDS
 
 log = logging.getLogger("shmcache")
 
@@ -76,11 +77,13 @@ DEFAULT_MAX_ITEM_SIZE = "1MiB"
 DEFAULT_GROUP = "django"
 OPEN_ATTEMPTS = 50          # create-or-attach rounds before giving up (each is a race lost)
 REBUILD_LOCK_WAIT = 2.0     # seconds to wait for an incompatible segment's lock
-MAX_TTL = 999_999_999       # shmcache's TTL limit (about 31 years): longer is "forever"
+MAX_TTL = int(MAX_SECONDS) - 1   # the longest TTL shmcache takes (about 31 years): longer is "forever"
 HASHED_KEY_HEAD = 200       # bytes of a too-long key kept in front of its hash
 _PICKLE = 0x80              # first byte of every pickle of protocol 2 and later
-MEMCACHED_KEY_LIMIT = 250   # Django warns of keys memcached would refuse: longer, or
-_MEMCACHED_UNSAFE = re.compile(r"[\x00-\x20\x7f]").search    # with these characters
+# Django warns of keys memcached would refuse: longer than its limit (shmcache's too), or
+# with these characters.
+MEMCACHED_KEY_LIMIT = MAX_KEY_BYTES
+_MEMCACHED_UNSAFE = re.compile(r"[\x00-\x20\x7f]").search
 _IGNORED_OPTIONS = {"MAX_ENTRIES", "CULL_FREQUENCY"}
 _EMBEDDED_OPTIONS = {"memory", "max_item_size", "group"}
 _HOST_OPTIONS = {"group", "token", "load"}

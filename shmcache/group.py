@@ -4,7 +4,6 @@ supervisor gets its groups from (``--app``, ``--origin``, or the built-in demo).
 import importlib
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -13,8 +12,9 @@ from urllib.parse import quote
 
 from .errors import InvalidArgument, LoadError, NotFound, ValueTooLarge
 from .units import parse_size
+from .validate import GROUP_NAME_RULE, is_group_name, is_seconds
+from .validate import GROUP_NAME  # noqa: F401 (its old home)
 
-GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_CACHE_BYTES = 64 << 20
 DEMO_SCORES = {"Tom": b"630", "Jack": b"589", "Sam": b"567"}
 
@@ -40,23 +40,19 @@ class Group:
                  getter: Callable[[str], bytes | str] | None = None,
                  ttl: float | None = None, stale: float | None = None,
                  not_found_ttl: float | None = None) -> None:
-        if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
-            raise InvalidArgument(f"bad group name {name!r}: 1 to 64 of letters, digits, "
-                                  f"'_', '.', '-'")
+        if not is_group_name(name):
+            raise InvalidArgument(f"bad group name {name!r}: {GROUP_NAME_RULE}")
         if getter is not None and not callable(getter):
             raise TypeError(f"getter of group {name!r} is not callable")
         self.name = name
         self.cache_bytes = parse_size(cache_bytes)
         self.getter = getter
         for option, seconds in (("ttl", ttl), ("not_found_ttl", not_found_ttl)):
-            if seconds is not None and (isinstance(seconds, bool)
-                                        or not isinstance(seconds, (int, float))
-                                        or not 0 < seconds < 1e9):
+            if seconds is not None and not is_seconds(seconds):
                 raise InvalidArgument(f"{option} of group {name!r} must be positive seconds "
                                       f"or None")
         self.ttl = ttl
-        if stale is not None and (isinstance(stale, bool) or not isinstance(stale, (int, float))
-                                  or not 0 <= stale < 1e9):
+        if stale is not None and not is_seconds(stale, zero=True):
             raise InvalidArgument(f"stale of group {name!r} must be seconds (0 or None: off)")
         self.stale = stale or None
         self.not_found_ttl = not_found_ttl

@@ -68,7 +68,6 @@ the token too); GET and PUT of /cache/<group> answer 400.
 import hmac
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -81,8 +80,8 @@ from .errors import (InvalidKey, LoadError, LoadTimeout, NotFound, PeerUnavailab
                      ValueTooLarge)
 from .httpserver import error, render
 from .arena import MAX_KEY_BYTES
-from .group import GROUP_NAME
 from .lru_index import encode_key
+from .validate import GROUP_NAME_RULE, is_group_name, positive_ttl
 from .metrics import SERVER_REQUESTS, prometheus_text
 from .reader import NOT_FOUND
 from .stale import stale_headers
@@ -297,8 +296,8 @@ class Front:
         return group, key
 
     def _check_group(self, group):
-        if not GROUP_NAME.fullmatch(group):
-            raise _Answer(error(400, "bad group name: 1 to 64 of letters, digits, '_', '.', '-'"))
+        if not is_group_name(group):
+            raise _Answer(error(400, f"bad group name: {GROUP_NAME_RULE}"))
         if self.node.group(group) is None:
             raise _Answer(error(404, f"unknown group {group!r}"))
 
@@ -307,8 +306,7 @@ class Front:
         if not isinstance(key, str):
             raise InvalidKey(f"keys must be strings, not {type(key).__name__}")
         try:
-            if len(encode_key(key)) > self.max_key_bytes:
-                raise InvalidKey(f"key must be 1 to {self.max_key_bytes} bytes")
+            encode_key(key, self.max_key_bytes)
         except UnicodeEncodeError:
             raise InvalidKey("key is not valid Unicode text") from None
 
@@ -610,17 +608,6 @@ def _batch_op(query):
     if len(ops) != 1 or ops[0] not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}")
     return ops[0]
-
-
-def positive_ttl(ttl):
-    """``ttl`` as a float if it is a finite number of seconds above zero; ValueError if not."""
-    try:
-        ttl = float(ttl)
-    except OverflowError:
-        ttl = math.inf
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise ValueError("ttl must be a positive number of seconds")
-    return ttl
 
 
 def _json_body(body, fields):

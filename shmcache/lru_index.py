@@ -58,9 +58,9 @@ import struct
 
 import xxhash
 
-from .arena import (_OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES,
-                    MAX_KEY_BYTES, REFBIT_GRANULE)
-from .errors import InvalidArgument, InvalidKey, ValueTooLarge
+from .arena import _OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES, REFBIT_GRANULE
+from .errors import InvalidArgument, ValueTooLarge
+from .validate import check_value_size, encode_key  # noqa: F401 (encode_key: its old home)
 from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, STATE_WRITING
 
 _HEAD = struct.Struct("IBBBBII")     # chain, state, key len, group, expiry frac, expiry s, value len
@@ -84,19 +84,6 @@ _KEEP_LINK_KEY_GROUP = ~(0xFF << 32 | 0xFF << 56)   # word 0 without state and e
 MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
 ROOM_EVICTIONS = 64         # evictions per group when a full class needs a chunk
 _FRACTION = 1.0 / 256
-
-
-def encode_key(key):
-    """Key as bytes; InvalidKey unless 1..MAX_KEY_BYTES bytes of str (UTF-8) or bytes."""
-    if isinstance(key, str):
-        data = key.encode()
-    elif isinstance(key, (bytes, bytearray, memoryview)):
-        data = bytes(key)
-    else:
-        raise InvalidKey(f"key must be str or bytes, not {type(key).__name__}")
-    if not 0 < len(data) <= MAX_KEY_BYTES:
-        raise InvalidKey(f"key must be 1 to {MAX_KEY_BYTES} bytes, got {len(data)}")
-    return data
 
 
 def expiry_fields(expire_at):
@@ -203,9 +190,7 @@ class Index:
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         klen, vlen = len(key), len(value)
         size = klen + vlen
-        if vlen > self.max_item_size:
-            raise ValueTooLarge(f"value of {vlen} bytes exceeds the max item size "
-                                f"of {self.max_item_size} bytes")
+        check_value_size(vlen, self.max_item_size)
         budget = _U64.unpack_from(buf, group + _G_BUDGET)[0]
         if size > budget:
             raise ValueTooLarge(f"key + value of {size} bytes exceed the whole budget of "

@@ -40,6 +40,7 @@ from .metrics import Counters
 from .reader import NOT_FOUND, make_reader
 from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, Slabs
 from .units import parse_size
+from .validate import check_ttl, check_value_size  # noqa: F401 (check_ttl: its old home)
 
 log = logging.getLogger("shmcache")
 _U32 = struct.Struct("I")
@@ -63,16 +64,6 @@ def encode_value(value):
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"value must be bytes or str, not {type(value).__name__}")
-
-
-def check_ttl(ttl, what="ttl"):
-    """None, or a positive number of seconds; ValueError (naming ``what``) otherwise."""
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < 1e9:
-        raise InvalidArgument(f"{what} must be a positive number of seconds or None, "
-                              f"not {ttl!r}")
-    return float(ttl)
 
 
 def decimal_value(value):
@@ -381,9 +372,7 @@ class Store:
         if info is None:
             raise UnknownGroup(f"no group {group!r} in segment {self.arena.name!r}")
         for data, value in pairs:
-            if len(value) > lay.max_item_size:
-                raise ValueTooLarge(f"value of {len(value)} bytes exceeds the max item size "
-                                    f"of {lay.max_item_size} bytes")
+            check_value_size(len(value), lay.max_item_size)
             if len(data) + len(value) > info["cache_bytes"]:
                 raise ValueTooLarge(f"key + value of {len(data) + len(value)} bytes exceed "
                                     f"the whole budget of group {group!r}")

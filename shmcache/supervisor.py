@@ -11,7 +11,6 @@ Exit codes: 0 after a clean stop; 2 bad command line or groups; 3 a worker could
 4 the segment or the port could not be had.
 """
 
-import argparse
 import errno
 import logging
 import os
@@ -22,19 +21,17 @@ import struct
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .arena import (_OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, _OFFSET_PEER_COUNT,
                     DEFAULT_MAX_GROUPS, OWNER_LOCK_BYTE, retire)
-from .discovery import PeerBoard, PeerSource, next_view, parse_dns_target
+from .config import Config, check_tls, parse_args  # noqa: F401 (their old home)
+from .discovery import PeerBoard, PeerSource, next_view
 from .errors import SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound
 from .group import AppError, check_groups, demo_groups, load_app, origin_group, DEMO_SCORES
 from .locks import LockFile
-from .peers import load_peer_list, normalize_url
 from .store import Store
-from .tls import TlsFilesError, client_context, server_context
-from .units import format_size, parse_size
+from .units import format_size
 from .worker import WORKER_BOOT_ERROR, Worker
 
 log = logging.getLogger("shmcache")
@@ -44,186 +41,6 @@ PORT_RETRY = 3.0            # seconds a busy port is retried when a dying superv
 # Signals whose handlers differ between supervisor and worker: blocked across fork until the
 # worker has installed its own (see spawn_worker).
 FORK_BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD}
-
-
-@dataclass
-class Config:
-    workers: int = 4
-    port: int = 8001
-    host: str = "127.0.0.1"
-    app: str = None
-    origin: str = None
-    memory: int = 256 << 20
-    max_item_size: int = 1 << 20
-    name: str = None
-    base_path: str = "/_kcache/"
-    threads: int = 64
-    load_timeout: float = 30.0
-    graceful_timeout: float = 30.0
-    warm_restart: bool = False
-    log_level: str = "info"
-    peers: tuple = ()
-    peers_file: str = None
-    self_url: str = None
-    hot_fraction: float = 0.1
-    peer_timeout: float = 10.0
-    peer_connect_timeout: float = 0.5
-    token: str = None
-    token_reads: bool = False
-    max_key_bytes: int = 250
-    access_log: bool = False
-    request_timeout: float = 10.0
-    keepalive_timeout: float = 75.0
-    peers_dns: str = None
-    peers_refresh: float = 5.0
-    tls_cert: str = None           # with tls_key: the front speaks HTTPS
-    tls_key: str = None
-    tls_ca: str = None             # verifies https:// peers (None: the system's CA store)
-
-    def __post_init__(self):
-        if self.name is None:
-            self.name = f"kcache-{self.port}"
-        self.self_explicit = self.self_url is not None
-        if self.self_url is None:
-            host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-            self.self_url = f"{self.scheme}://{host}:{self.port}"
-
-    @property
-    def scheme(self):
-        """What the front speaks, and so the scheme of this host's URL and of the peers
-        discovered by name."""
-        return "https" if self.tls_cert else "http"
-
-    @property
-    def clustered(self):
-        """True when other hosts may share the keyspace."""
-        return bool(self.peers or self.peers_file or self.peers_dns)
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m shmcache.supervisor",
-        description="Run a shmcache host: a shared-memory arena and worker processes behind one port.")
-    add = parser.add_argument
-    add("--workers", type=int, default=4, help="worker processes (default 4)")
-    add("--port", type=int, default=8001, help="TCP port (default 8001)")
-    add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    add("--app", help="MODULE:ATTR naming an iterable of shmcache.Group, or a callable returning one")
-    add("--origin", help="serve group 'origin', loading URL/<key> over HTTP")
-    add("--memory", default="256MiB", help="arena size (default 256MiB)")
-    add("--max-item-size", default="1MiB", help="largest value (default 1MiB)")
-    add("--name", help="segment name (default kcache-<port>)")
-    add("--base-path", default="/_kcache/", help="peer route prefix (default /_kcache/)")
-    add("--threads", type=int, default=64,
-        help="threads per worker for loads and peer fetches; more misses queue (default 64)")
-    add("--load-timeout", type=float, default=30.0,
-        help="seconds a request waits for another process's load (default 30)")
-    add("--graceful-timeout", type=float, default=30.0,
-        help="seconds workers get to finish requests when stopping (default 30)")
-    add("--warm-restart", action="store_true",
-        help="keep the segment (and its entries) at a clean stop, and re-attach a segment a "
-             "previous supervisor kept that way at start; without it a clean stop removes the "
-             "segment and a start discards any segment left under the name")
-    add("--unlink-on-stop", action="store_true",
-        help="deprecated: removing the segment at a clean stop is the default now")
-    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    add("--peers", default="", help="URL,URL,... of every host (this one included)")
-    add("--peers-file", help="file of peer URLs (one per line), re-read when it changes "
-        "(polled every --peers-refresh seconds) and on SIGHUP")
-    add("--peers-dns", metavar="NAME[:PORT]", help="every address NAME resolves to (A and "
-        "AAAA records) is a peer, on PORT (default --port); resolved again every "
-        "--peers-refresh seconds")
-    add("--peers-refresh", type=float, default=5.0,
-        help="seconds between two lookups of --peers-dns and polls of --peers-file (default 5)")
-    add("--self", dest="self_url", help="this host's URL among the peers "
-        "(default http://<host>:<port>)")
-    add("--hot-fraction", type=float, default=0.1,
-        help="share of values fetched from owners kept here as hot copies (default 0.1)")
-    add("--peer-timeout", type=float, default=10.0,
-        help="seconds to wait for a peer's answer (default 10)")
-    add("--peer-connect-timeout", type=float, default=0.5,
-        help="seconds to wait for a peer's connection (default 0.5)")
-    add("--token", default=os.environ.get("SHMCACHE_TOKEN") or None,
-        help="require 'Authorization: Bearer TOKEN' on writes and the peer route, and send it "
-             "to peers (default: $SHMCACHE_TOKEN)")
-    add("--token-reads", action="store_true",
-        help="require the token on /cache/ reads, /stats and /metrics too")
-    add("--max-key-bytes", type=int, default=250, help="longest key accepted (default 250)")
-    add("--access-log", action="store_true", help="log one line per request")
-    add("--request-timeout", type=float, default=10.0,
-        help="seconds a client may take to send a request's headers (default 10)")
-    add("--keepalive-timeout", type=float, default=75.0,
-        help="seconds an idle keep-alive connection is kept (default 75)")
-    add("--tls-cert", metavar="FILE",
-        help="serve HTTPS with this PEM certificate (chain); needs --tls-key")
-    add("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
-    add("--tls-ca", metavar="FILE",
-        help="PEM CA bundle that https:// peers' certificates are verified against (default: "
-             "the system's CA store); connect() clients use it too, unless told otherwise")
-    args = parser.parse_args(argv)
-    try:
-        memory, max_item = parse_size(args.memory), parse_size(args.max_item_size)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.workers < 1 or args.threads < 1:
-        parser.error("--workers and --threads must be at least 1")
-    if not 0 < args.port < 65536:
-        parser.error("--port must be 1..65535")
-    if not args.base_path.strip("/"):
-        parser.error("--base-path must name a path, such as /_kcache/")
-    if not 0 <= args.hot_fraction <= 1:
-        parser.error("--hot-fraction must be between 0 and 1")
-    if not 1 <= args.max_key_bytes <= 250:
-        parser.error("--max-key-bytes must be 1..250")
-    if args.token_reads and not args.token:
-        parser.error("--token-reads needs --token (or $SHMCACHE_TOKEN)")
-    if args.token is not None and (not args.token.strip() or any(c.isspace() for c in args.token)):
-        parser.error("--token must be a non-empty word without spaces")
-    if args.unlink_on_stop:
-        if args.warm_restart:
-            parser.error("--unlink-on-stop contradicts --warm-restart")
-        print("warning: --unlink-on-stop is deprecated: a clean stop removes the segment "
-              "unless --warm-restart is given", file=sys.stderr)
-    if not args.peers_refresh > 0:
-        parser.error("--peers-refresh must be a positive number of seconds")
-    tls_ca = check_tls(parser, args)
-    static = tuple(part for part in args.peers.split(",") if part.strip())
-    try:
-        load_peer_list(static, args.peers_file)
-        if args.peers_dns:
-            parse_dns_target(args.peers_dns, args.port)
-        if args.self_url:
-            normalize_url(args.self_url)
-    except (OSError, ValueError) as exc:
-        parser.error(str(exc))
-    return Config(args.workers, args.port, args.host, args.app, args.origin, memory, max_item,
-                  args.name, args.base_path, args.threads, args.load_timeout,
-                  args.graceful_timeout, args.warm_restart, args.log_level, static,
-                  args.peers_file, args.self_url and normalize_url(args.self_url),
-                  args.hot_fraction, args.peer_timeout, args.peer_connect_timeout, args.token,
-                  args.token_reads, args.max_key_bytes, args.access_log, args.request_timeout,
-                  args.keepalive_timeout, args.peers_dns, args.peers_refresh,
-                  tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=tls_ca)
-
-
-def check_tls(parser, args):
-    """Exit 2 (a usage error) unless the TLS options go together and their files load, and
-    --self has the scheme the front speaks. The CA file's absolute path: connect() clients
-    of the segment read it from wherever they run."""
-    if bool(args.tls_cert) != bool(args.tls_key):
-        parser.error("--tls-cert and --tls-key go together: give both, or neither")
-    try:
-        if args.tls_cert:
-            server_context(args.tls_cert, args.tls_key)
-        if args.tls_ca:
-            client_context(args.tls_ca)
-    except TlsFilesError as exc:
-        parser.error(str(exc))
-    scheme = "https" if args.tls_cert else "http"
-    if args.self_url and not args.self_url.strip().startswith(f"{scheme}://"):
-        parser.error(f"--self must be an {scheme}:// URL: this host's front speaks "
-                     f"{'HTTPS (--tls-cert)' if args.tls_cert else 'plain HTTP (no --tls-cert)'}")
-    return os.path.abspath(args.tls_ca) if args.tls_ca else None
 
 
 class Supervisor:
