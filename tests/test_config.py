@@ -7,6 +7,8 @@ import pytest
 from shmcache.config import FIELDS, OPTIONS, Config, build_parser, parse_args
 from shmcache.supervisor import Config as SupervisorConfig, parse_args as supervisor_parse_args
 
+pytestmark = pytest.mark.unit
+
 
 def test_every_config_field_is_one_option_and_the_supervisor_names_stay():
     assert [field.name for field in dataclasses.fields(Config)] == list(FIELDS)
