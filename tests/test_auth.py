@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import shmcache
-from shmcache.http_front import encode_set_request
+from shmcache.wire import encode_set_request
 from shmcache.ring import Ring
 
 APP = ["--app", "apps.counting:groups", "--workers", "2", "--hot-fraction", "0"]
