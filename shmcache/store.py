@@ -504,7 +504,7 @@ class Store:
 
     def audit(self):
         """Check every shared structure for consistency (takes the write lock; O(items)).
-        Repairs first if a writer died. AssertionError names the first inconsistency."""
+        Repairs first if a writer died. CorruptSegment names the first inconsistency."""
         return self.locked(self.index.audit)
 
     # -- figures ----------------------------------------------------------------------------
