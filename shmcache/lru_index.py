@@ -73,7 +73,8 @@ _COUNTS = struct.Struct("QQ")        # bytes, items (offset 80)
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
 _F64 = struct.Struct("d")
-assert _HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRANULE == 32
+if not (_HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRANULE == 32):
+    raise AssertionError("lru_index: item header or group record out of step with arena.py")
 
 _G_BUDGET, _G_TTL, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 72, 80, 88, 96, 100
 _G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
