@@ -28,6 +28,8 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Mapping
+from typing import Protocol
 from urllib.parse import quote, urlsplit
 
 import xxhash
@@ -288,6 +290,35 @@ class PeerHealth:
     def failures(self, url):
         offset = self._find(url, create=False)
         return struct.unpack_from("I", self.buf, offset + 16)[0] if offset is not None else 0
+
+
+class PeerPicker(Protocol):
+    """What a Node asks of its peer picker (``Peers``, or ``NoPeers`` for a host alone).
+    ``health`` needs ``failed(url, reason)`` and ``succeeded(url)`` (as ``PeerHealth``);
+    ``clients`` maps a peer URL to its PeerClient; the client objects are used for ``url``,
+    ``fetch``, ``peek``, ``store``, ``remove`` and ``clear``."""
+    self_url: str | None
+    health: "PeerHealth"
+    clients: "Mapping[str, PeerClient]"
+
+    def owner_of(self, key: str) -> "PeerClient | None":
+        """The owner's client, or None: this host loads the key (it owns it, or the owner
+        is suspect)."""
+
+    def owner_url(self, key: str) -> str | None:
+        """The owner's URL by the ring, suspect or not; None when there is no ring."""
+
+    def previous_owner_of(self, key: str) -> "PeerClient | None":
+        """The owner by the ring before a change, to peek before loading here; or None."""
+
+    def others(self) -> "list[PeerClient]":
+        """Every other host's client."""
+
+    def stats(self) -> dict:
+        """{url: {"suspect": bool, "failures": int}}."""
+
+    def close(self) -> None:
+        """Close the clients' connections."""
 
 
 class _View:

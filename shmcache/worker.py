@@ -18,6 +18,7 @@ import signal
 import time
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import MappingProxyType
 
 import psutil
 
@@ -47,9 +48,25 @@ class BootInterrupted(BaseException):
 _PR_SET_PDEATHSIG = 1
 
 
+class _NoHealth:
+    """NoPeers' health board: there is no peer to mark."""
+
+    def failed(self, url, reason):
+        pass
+
+    def succeeded(self, url):
+        pass
+
+    def is_suspect(self, url, now=None):
+        return False
+
+
 class NoPeers:
-    """The peer picker of a host alone: it owns every key (groupcache's NoPeers)."""
+    """The peer picker of a host alone: it owns every key (groupcache's NoPeers). It
+    implements the whole PeerPicker protocol (peers.py)."""
     self_url = None
+    health = _NoHealth()
+    clients = MappingProxyType({})
 
     def owner_of(self, key):
         """The PeerClient of the key's owner, or None when this host loads it itself."""

@@ -13,6 +13,21 @@ import shmcache
 from shmcache.arena import shm_dir
 
 SEGMENT_PREFIX = "kcache-test-"
+TIERS = ("unit", "integration", "chaos")      # pyproject.toml registers them
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test is in exactly one tier (a module's ``pytestmark``): collection fails,
+    naming them, for tests in none or in several, before ``-m`` deselects anything."""
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(f"every test needs exactly one of the markers {', '.join(TIERS)} "
+                                f"(pytestmark = pytest.mark.unit, ...):\n  " + "\n  ".join(wrong))
 
 
 def _test_segments():

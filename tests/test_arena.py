@@ -15,6 +15,8 @@ from shmcache.arena import LAYOUT_VERSION, MAGIC, Arena, Layout, segment_path
 from shmcache.errors import (SegmentCreateError, SegmentIncompatible, SegmentInUse,
                              SegmentNotFound)
 
+pytestmark = pytest.mark.integration
+
 
 def test_create_attach_close_unlink(segment_name):
     arena = Arena.create(segment_name, "4MiB", max_item_size="64KiB")

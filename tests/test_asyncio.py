@@ -17,6 +17,8 @@ from apps.counting import open_gate
 from shmcache.asyncio import connect
 from test_reattach import group_supervised  # noqa: F401 - a fixture
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 TOKEN = "s3cret-token"
 

@@ -6,6 +6,8 @@ import pytest
 
 import shmcache
 
+pytestmark = pytest.mark.unit
+
 
 def test_add_stores_only_when_the_key_holds_no_live_value(make_cache):
     cache = make_cache()

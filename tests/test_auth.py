@@ -10,6 +10,8 @@ import shmcache
 from shmcache.wire import encode_set_request
 from shmcache.ring import Ring
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2", "--hot-fraction", "0"]
 TOKEN = "s3cret-token"
 GOOD = {"Authorization": f"Bearer {TOKEN}"}

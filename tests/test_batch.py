@@ -16,6 +16,8 @@ from shmcache.ring import Ring
 
 from conftest import REPO
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 TOKEN = "batch-token"
 GOOD = {"Authorization": f"Bearer {TOKEN}"}

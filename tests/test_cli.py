@@ -6,8 +6,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 import shmcache
 from conftest import REPO, Supervised, http_request
+
+pytestmark = pytest.mark.integration
 
 APP = ["--app", "apps.counting:groups", "--workers", "1"]
 

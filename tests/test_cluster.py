@@ -15,6 +15,8 @@ import shmcache
 from shmcache.wire import decode_get_response
 from shmcache.ring import Ring
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "4"]
 
 

@@ -20,7 +20,8 @@ from shmcache.arena import _OFFSET_WRITER_PID
 from conftest import reader_kind
 from valuecheck import check_value, make_value
 
-pytestmark = pytest.mark.usefixtures("both_readers")   # the C reader, then the Python one
+# Each test runs with the C reader, then with the Python one.
+pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("both_readers")]
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
 OLD = make_value("g", "target", 1, 1, 100)

@@ -17,6 +17,8 @@ from shmcache.wire import decode_get_response
 from shmcache.ring import Ring
 from test_cluster import wait_for_workers_using, workers_using
 
+pytestmark = pytest.mark.integration
+
 NAME = "kcache.test"
 APP = ["--app", "apps.counting:groups", "--workers", "2", "--hot-fraction", "0",
        "--log-level", "debug"]

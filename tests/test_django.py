@@ -23,6 +23,8 @@ from shmcache.django import MAX_KEY_BYTES, ShmCache, close_connections
 
 from conftest import SEGMENT_PREFIX, free_port
 
+pytestmark = pytest.mark.integration
+
 TESTS = Path(__file__).resolve().parent
 SUITE = TESTS / "django_suite"
 WORKER = TESTS / "django_worker.py"

@@ -11,6 +11,8 @@ import pytest
 import shmcache
 from conftest import REPO
 
+pytestmark = pytest.mark.integration
+
 LOADER = r"""
 import os, sys, time, shmcache
 name, calls, delay, key = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]

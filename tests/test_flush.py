@@ -13,6 +13,8 @@ from shmcache.errors import PeerUnavailable
 from apps.counting import open_gate
 from test_cluster import APP, owner
 
+pytestmark = pytest.mark.integration
+
 KEYS = [f"flush-{i}" for i in range(30)]
 
 

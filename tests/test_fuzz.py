@@ -19,6 +19,8 @@ from shmcache.wire import (decode_get_response, decode_set_request, encode_get_r
                            encode_set_request)
 from shmcache.httpserver import HttpServer, _BadRequest, _Connection
 
+pytestmark = pytest.mark.chaos
+
 SETTINGS = settings(max_examples=400, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 group_names = st.from_regex(GROUP_NAME, fullmatch=True)

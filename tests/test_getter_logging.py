@@ -9,6 +9,8 @@ import pytest
 
 import shmcache
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:broken", "--workers", "1"]
 
 

@@ -12,6 +12,8 @@ from shmcache import kcachepb_pb2 as pb
 from shmcache.http_front import BadPath, split_group_key
 from shmcache.wire import decode_get_response, encode_get_response, encode_set_request
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 SPECIAL_KEYS = ["a/b/c", "with space", "plus+sign", "per%cent", "ünïcödé ✓", "/leading", "q?x=1#f"]
 

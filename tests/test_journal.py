@@ -7,6 +7,8 @@ import pytest
 from shmcache.arena import LOG_ENTRY_BYTES, _OFFSET_TX_ACTIVE, Arena
 from shmcache.journal import Journal, JournalFull, undo
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def arena(segment_name):

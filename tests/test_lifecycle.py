@@ -14,6 +14,8 @@ import pytest
 from conftest import free_port, http_request
 from shmcache.arena import _OFFSET_CLEAN, segment_path
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 SLOW_BOOT = ["--app", "apps.counting:factory_slow_in_workers", "--workers", "4",
              "--graceful-timeout", "120"]

@@ -9,6 +9,8 @@ import pytest
 
 from shmcache.locks import LockFile
 
+pytestmark = pytest.mark.integration
+
 HOLD_LOCK = (
     "import sys, time\n"
     "from shmcache.locks import LockFile\n"

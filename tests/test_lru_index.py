@@ -10,6 +10,8 @@ import pytest
 
 from shmcache import InvalidKey, UnknownGroup, ValueTooLarge
 
+pytestmark = pytest.mark.unit
+
 
 def test_set_peek_delete_round_trip(make_cache):
     cache = make_cache()

@@ -17,6 +17,8 @@ from shmcache.lru_index import encode_key
 from shmcache.singleflight import HostFlights
 from conftest import REPO, Supervised
 
+pytestmark = pytest.mark.integration
+
 # A process of an app: memoizes compute(x) in group "memo", calls it `count` times at once
 # (threads, or asyncio tasks cancelling `cancel` of them), and prints what each got.
 # compute() records each run in the `calls` file, then waits for the `gate` file.

@@ -6,9 +6,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import shmcache
+
+pytestmark = pytest.mark.integration
 
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 

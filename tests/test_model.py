@@ -14,7 +14,8 @@ import shmcache
 from conftest import reader_kind
 from valuecheck import check_value, make_value
 
-pytestmark = pytest.mark.usefixtures("both_readers")   # the C reader, then the Python one
+# Each test runs with the C reader, then with the Python one.
+pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("both_readers")]
 
 PROCESSES = 4
 OPS = 20_000

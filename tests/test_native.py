@@ -18,6 +18,8 @@ from shmcache.errors import InvalidKey
 from shmcache.lru_index import _G_STALE
 from shmcache.reader import MAX_CHAIN, NOT_FOUND, make_reader
 
+pytestmark = pytest.mark.unit
+
 PURE_ASKED = os.environ.get("SHMCACHE_PURE_PYTHON", "") not in ("", "0")
 native_only = pytest.mark.skipif(reader._native is None,
                                  reason="the C reader is not built (see the test below)")

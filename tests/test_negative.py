@@ -16,6 +16,8 @@ from shmcache.errors import InvalidArgument, NotFound
 from test_cluster import APP, owner
 from test_flush import calls_of, wait_until
 
+pytestmark = pytest.mark.integration
+
 COUNTING = ["--app", "apps.counting:groups", "--workers", "4"]
 
 

@@ -19,6 +19,8 @@ from shmcache import peer_fetch
 from shmcache.peer_fetch import PeerFetcher
 from shmcache.peers import PeerClient, PeerError
 
+pytestmark = pytest.mark.integration
+
 
 def listening():
     sock = socket.socket()

@@ -18,6 +18,8 @@ from shmcache.store import Store
 
 from conftest import REPO, Supervised
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 DEADLINE = 60.0          # seconds: generous, for a loaded 2-core machine
 

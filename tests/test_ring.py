@@ -6,6 +6,8 @@ import pytest
 
 from shmcache.ring import VNODES, Ring
 
+pytestmark = pytest.mark.unit
+
 KEYS = [f"user:{i}" for i in range(400_000)]
 
 

@@ -16,6 +16,8 @@ from shmcache.arena import segment_path, shm_dir
 from shmcache.errors import SegmentNotFound
 from shmcache.store import Store
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 
 

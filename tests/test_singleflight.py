@@ -9,8 +9,12 @@ import time
 from urllib.parse import quote
 
 
+import pytest
+
 import shmcache
 from shmcache.singleflight import Flights
+
+pytestmark = pytest.mark.integration
 
 APP = ["--app", "apps.counting:groups", "--workers", "4"]
 

@@ -7,6 +7,8 @@ from shmcache.journal import Journal
 from shmcache.slabs import (MIN_CHUNK, STATE_LIVE, VOTES_FOR_NEW_CLASS, Slabs,
                             default_chunk_sizes)
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def slabs(segment_name):

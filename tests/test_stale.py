@@ -17,6 +17,8 @@ from apps.counting import switch
 from shmcache.errors import InvalidArgument
 from shmcache.ring import Ring
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "3"]
 DEADLINE = 60.0             # seconds any awaited condition may take: generous
 

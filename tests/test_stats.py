@@ -10,6 +10,8 @@ import pytest
 
 from shmcache.stats import hit_percent
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 
 

@@ -15,6 +15,8 @@ import pytest
 import shmcache
 from shmcache.arena import _OFFSET_CLEAN, segment_path
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "4"]
 
 

@@ -21,6 +21,8 @@ from tlscerts import make_ca, make_server_cert
 
 from conftest import REPO, free_port, http_request
 
+pytestmark = pytest.mark.integration
+
 APP = ["--app", "apps.counting:groups", "--workers", "2"]
 DNS_NAME = "cache.shmcache.test"          # a name no resolver knows: only verified, never looked up
 

@@ -16,7 +16,8 @@ from shmcache.arena import segment_path
 
 from valuecheck import check_value, make_value
 
-pytestmark = pytest.mark.usefixtures("both_readers")   # the C reader, then the Python one
+# Each test runs with the C reader, then with the Python one.
+pytestmark = [pytest.mark.chaos, pytest.mark.usefixtures("both_readers")]
 
 APP = ["--app", "apps.counting:groups", "--workers", "4"]
 KEYS = 200

@@ -1,0 +1,307 @@
+"""The Get path of a Node (worker.py) against a fake peer picker, as golang/groupcache's
+``fakePeers``: no processes and no sockets. The Node runs over a segment made with
+``shmcache.create`` and a thread pool; its picker's ``owner_of`` hands out fake peers that
+record what they are asked and answer with a value or an error.
+
+The Node here has no PeerFetcher (``fetcher`` is None), so a miss goes the pool path
+(``_get_slow``): the event-loop path (peer_fetch.py) needs a real server socket and is
+tested in test_peer_fetch.py and the cluster tests."""
+
+import inspect
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from shmcache import Group
+from shmcache.errors import LoadError, NotFound, PeerUnavailable
+from shmcache.peers import PeerError, PeerHealth, PeerPicker, Peers
+from shmcache.worker import Node, NoPeers
+
+pytestmark = pytest.mark.unit
+
+SELF = "http://self.invalid:1"
+OTHER = "http://other.invalid:2"
+
+
+class FakePeer:
+    """A peer that records the keys it is asked for and answers with ``answer(key)``:
+    (value, expiry), or raises what it returns if that is an exception."""
+
+    def __init__(self, url, answer):
+        self.url = url
+        self.answer = answer
+        self.fetched = []
+        self.lock = threading.Lock()
+
+    def fetch(self, group, key):
+        with self.lock:
+            self.fetched.append((group, key))
+        outcome = self.answer(key)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def peek(self, group, key):
+        return None
+
+
+class FakePeers:
+    """A picker whose every key is owned by ``owner`` (a FakePeer, or None: this host),
+    skipping it while the health board says it is suspect, as Peers does."""
+
+    def __init__(self, store, owner):
+        self.self_url = SELF
+        self.health = PeerHealth(store)
+        self.owner = owner
+        self.clients = {owner.url: owner} if owner else {}
+
+    def owner_of(self, key):
+        if self.owner is None or self.health.is_suspect(self.owner.url):
+            return None
+        return self.owner
+
+    def owner_url(self, key):
+        return self.owner.url if self.owner else SELF
+
+    def previous_owner_of(self, key):
+        return None
+
+    def others(self):
+        return list(self.clients.values())
+
+    def stats(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+class Getter:
+    """A group's getter that counts its calls; ``gate``, if set, holds every call until set."""
+
+    def __init__(self, gate=None):
+        self.calls = []
+        self.gate = gate
+        self.lock = threading.Lock()
+
+    def __call__(self, key):
+        with self.lock:
+            self.calls.append(key)
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        if key.startswith("missing"):
+            raise KeyError(key)
+        if key.startswith("broken"):
+            raise RuntimeError("the database is down")
+        return f"local:{key}".encode()
+
+
+@pytest.fixture
+def node_for(make_cache):
+    """node_for(owner=FakePeer|None, hot_fraction=0.0, gate=None) -> (node, getter)."""
+    made = []
+
+    def make(owner=None, hot_fraction=0.0, gate=None):
+        getter = Getter(gate)
+        cache = make_cache(groups={"g": 1 << 20})
+        store = cache._live_store()
+        pool = ThreadPoolExecutor(max_workers=8)
+        node = Node(store, [Group("g", 1 << 20, getter=getter)], pool,
+                    peers=FakePeers(store, owner), hot_fraction=hot_fraction)
+        made.append(node)
+        return node, getter
+
+    yield make
+    for node in made:
+        node.pool.shutdown(wait=True)
+        node.fanout.shutdown(wait=True)
+
+
+def get(node, key, from_peer=False):
+    """What a request for ``key`` gets: a hit from shared memory, else the Get path's load."""
+    hit = node.peek("g", key)
+    if hit is not None:
+        return hit[0]
+    return node.get_future("g", key, from_peer).result(timeout=10)[0]
+
+
+def test_a_local_hit_asks_neither_the_owner_nor_the_getter(node_for):
+    peer = FakePeer(OTHER, lambda key: (b"remote", None))
+    node, getter = node_for(owner=peer)
+    node.set("g", "k", b"here")
+    assert get(node, "k") == b"here"
+    assert peer.fetched == [] and getter.calls == []
+
+
+def test_a_key_this_host_owns_is_loaded_once_then_hit(node_for):
+    node, getter = node_for(owner=None)
+    assert get(node, "k") == b"local:k"
+    assert get(node, "k") == b"local:k"
+    assert getter.calls == ["k"]
+
+
+def test_a_key_owned_elsewhere_is_fetched_from_its_owner(node_for):
+    peer = FakePeer(OTHER, lambda key: (f"remote:{key}".encode(), None))
+    node, getter = node_for(owner=peer, hot_fraction=0.0)
+    assert get(node, "k") == b"remote:k"
+    assert peer.fetched == [("g", "k")]
+    assert getter.calls == []
+    assert node.peek("g", "k") is None                     # hot_fraction 0: no hot copy
+    assert get(node, "k") == b"remote:k"
+    assert peer.fetched == [("g", "k")] * 2
+
+
+def test_a_fetched_value_is_kept_as_a_hot_copy_per_hot_fraction(node_for):
+    peer = FakePeer(OTHER, lambda key: (f"remote:{key}".encode(), None))
+    node, getter = node_for(owner=peer, hot_fraction=1.0)
+    assert get(node, "k") == b"remote:k"
+    value, _expiry, hot = node.peek("g", "k")
+    assert (value, hot) == (b"remote:k", True)
+    assert get(node, "k") == b"remote:k"                   # a hit: the owner is not asked again
+    assert peer.fetched == [("g", "k")] and getter.calls == []
+
+
+def test_an_unreachable_owner_is_marked_suspect_and_the_key_loaded_here(node_for):
+    peer = FakePeer(OTHER, lambda key: PeerUnavailable(f"{OTHER}: connection refused"))
+    node, getter = node_for(owner=peer)
+    assert get(node, "a") == b"local:a"                    # groupcache's fallback
+    assert peer.fetched == [("g", "a")] and getter.calls == ["a"]
+    assert node.peers.health.is_suspect(OTHER)
+    assert node.peers.health.failures(OTHER) == 1
+    assert get(node, "b") == b"local:b"                    # suspect: not asked meanwhile
+    assert peer.fetched == [("g", "a")] and getter.calls == ["a", "b"]
+
+
+def test_an_owner_whose_getter_failed_is_not_suspect_and_the_key_is_loaded_here(node_for):
+    peer = FakePeer(OTHER, lambda key: PeerError(f"{OTHER} answered 500: getter failed"))
+    node, getter = node_for(owner=peer)
+    assert get(node, "a") == b"local:a"
+    assert getter.calls == ["a"]
+    assert not node.peers.health.is_suspect(OTHER)         # it answered: it is up
+
+
+def test_the_owners_not_found_is_the_answer(node_for):
+    peer = FakePeer(OTHER, lambda key: NotFound(f"{key} does not exist"))
+    node, getter = node_for(owner=peer)
+    with pytest.raises(NotFound):
+        get(node, "k")
+    assert peer.fetched == [("g", "k")] and getter.calls == []
+
+
+def test_a_getters_errors_reach_the_caller(node_for):
+    node, getter = node_for(owner=None)
+    with pytest.raises(NotFound):
+        get(node, "missing")
+    with pytest.raises(LoadError):
+        get(node, "broken")
+    assert getter.calls == ["missing", "broken"]
+
+
+def test_requests_from_peers_are_never_forwarded(node_for):
+    peer = FakePeer(OTHER, lambda key: (b"remote", None))
+    node, getter = node_for(owner=peer)
+    assert get(node, "k", from_peer=True) == b"local:k"
+    assert peer.fetched == [] and getter.calls == ["k"]
+
+
+def test_concurrent_gets_of_one_key_call_the_getter_once(node_for):
+    gate = threading.Event()
+    node, getter = node_for(owner=None, gate=gate)
+    callers = 16
+    with ThreadPoolExecutor(max_workers=callers) as callers_pool:
+        futures = [callers_pool.submit(node.get_future, "g", "k") for _ in range(callers)]
+        waits = [future.result(timeout=10) for future in futures]
+        gate.set()
+        answers = [wait.result(timeout=10)[0] for wait in waits]
+    assert answers == [b"local:k"] * callers
+    assert getter.calls == ["k"]
+
+
+def test_concurrent_gets_of_a_key_owned_elsewhere_fetch_it_once(node_for):
+    gate = threading.Event()
+
+    def answer(key):
+        assert gate.wait(10)
+        return b"remote", None
+    peer = FakePeer(OTHER, answer)
+    node, getter = node_for(owner=peer)
+    callers = 16
+    with ThreadPoolExecutor(max_workers=callers) as callers_pool:
+        futures = [callers_pool.submit(node.get_future, "g", "k") for _ in range(callers)]
+        waits = [future.result(timeout=10) for future in futures]
+        gate.set()
+        answers = [wait.result(timeout=10)[0] for wait in waits]
+    assert answers == [b"remote"] * callers
+    assert peer.fetched == [("g", "k")] and getter.calls == []
+
+
+# -- the picker protocol -------------------------------------------------------------------
+
+def protocol_members():
+    members = {name for name in vars(PeerPicker) if not name.startswith("_")}
+    return members | set(PeerPicker.__annotations__)
+
+
+@pytest.fixture
+def real_peers(make_cache):
+    store = make_cache()._live_store()
+    peers = Peers(SELF, [SELF, OTHER], store)              # no connection until asked
+    yield peers
+    peers.close()
+
+
+def test_the_protocol_names_what_a_node_uses():
+    assert protocol_members() == {"self_url", "health", "clients", "owner_of", "owner_url",
+                                  "previous_owner_of", "others", "stats", "close"}
+
+
+@pytest.mark.parametrize("picker", ["NoPeers", "Peers", "FakePeers"])
+def test_every_picker_implements_the_whole_protocol(picker, real_peers):
+    made = {"NoPeers": lambda: NoPeers(), "Peers": lambda: real_peers,
+            "FakePeers": lambda: FakePeers(real_peers.health.store, None)}[picker]()
+    for name in protocol_members():
+        assert hasattr(made, name), f"{picker} lacks {name}"
+        wanted = getattr(PeerPicker, name, None)
+        if callable(wanted):
+            have = inspect.signature(getattr(made, name))
+            assert list(have.parameters) == list(inspect.signature(wanted).parameters)[1:], name
+    for name in ("failed", "succeeded", "is_suspect"):
+        assert callable(getattr(made.health, name)), f"{picker}.health lacks {name}"
+
+
+def test_no_peers_owns_every_key_and_has_nothing_to_mark():
+    peers = NoPeers()
+    assert peers.owner_of("k") is None and peers.owner_url("k") is None
+    assert peers.previous_owner_of("k") is None
+    assert peers.others() == [] and dict(peers.clients) == {} and peers.stats() == {}
+    peers.health.failed(OTHER, "no reason")
+    peers.health.succeeded(OTHER)
+    assert not peers.health.is_suspect(OTHER)
+
+
+def test_a_node_alone_writes_deletes_and_flushes_here_only(make_cache):
+    cache = make_cache()
+    node = Node(cache._live_store(), [Group("g", 1 << 20)], ThreadPoolExecutor(max_workers=2))
+    try:
+        assert not node.clustered
+        assert node.set_everywhere("g", "k", b"v") == {"stored": True, "owner": "self",
+                                                       "failed_peers": {}}
+        assert node.peek("g", "k")[0] == b"v"
+        assert node.delete_everywhere("g", "k") == {"deleted": True, "failed_peers": {}}
+        assert node.clear_everywhere("g") == {"cleared": True, "failed_peers": {}}
+    finally:
+        node.pool.shutdown(wait=True)
+        node.fanout.shutdown(wait=True)
+
+
+def test_peers_skips_a_suspect_owner_and_takes_it_back_once_it_answers(real_peers):
+    key = next(f"k{n}" for n in range(1000) if real_peers.owner_url(f"k{n}") == OTHER)
+    mine = next(f"k{n}" for n in range(1000) if real_peers.owner_url(f"k{n}") == SELF)
+    assert real_peers.owner_of(mine) is None
+    assert real_peers.owner_of(key).url == OTHER
+    real_peers.health.failed(OTHER, "connection refused")
+    assert real_peers.owner_of(key) is None                  # loaded here meanwhile
+    assert real_peers.owner_url(key) == OTHER
+    real_peers.health.succeeded(OTHER)
+    assert real_peers.owner_of(key).url == OTHER
