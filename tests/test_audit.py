@@ -16,6 +16,9 @@ from shmcache.slabs import STATE_FREE
 
 from test_slabs import slabs, take  # noqa: F401  (the slabs fixture)
 
+# a python -O child process checks that -O keeps the checks
+pytestmark = pytest.mark.integration
+
 
 def test_corrupt_segment_is_a_shmcache_error():
     assert issubclass(CorruptSegment, ShmcacheError)

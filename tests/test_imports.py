@@ -21,6 +21,8 @@ import pytest
 
 import shmcache
 
+pytestmark = pytest.mark.unit
+
 PACKAGE = "shmcache"
 ROOT = Path(shmcache.__file__).resolve().parent
 
