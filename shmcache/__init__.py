@@ -2,7 +2,7 @@
 
 from .client import Client, connect, create
 from .group import Group
-from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadError,
+from .errors import (AuthError, ClientClosed, CorruptSegment, InvalidArgument, InvalidKey, LoadError,
                      LoadTimeout, NotAnInteger, NotFound, PeerUnavailable, SegmentCreateError,
                      SegmentIncompatible, SegmentInUse, SegmentNotFound, ShmcacheError,
                      UnknownGroup, ValueTooLarge)
@@ -14,5 +14,5 @@ __all__ = [
     "ShmcacheError", "NotFound", "UnknownGroup", "LoadError", "PeerUnavailable",
     "ValueTooLarge", "InvalidKey", "SegmentIncompatible", "SegmentNotFound",
     "SegmentInUse", "SegmentCreateError", "ClientClosed", "AuthError", "LoadTimeout",
-    "InvalidArgument", "NotAnInteger",
+    "InvalidArgument", "NotAnInteger", "CorruptSegment",
 ]

@@ -56,6 +56,12 @@ class SegmentIncompatible(ShmcacheError):
     """The shared-memory segment has an unknown magic number or layout version, or is malformed."""
 
 
+class CorruptSegment(ShmcacheError):
+    """An audit (``Store.audit()``) found the segment's shared structures inconsistent: a
+    chain, an LRU ring, a byte count, a slab page or free list that does not add up. The
+    arguments name the first inconsistency found."""
+
+
 class SegmentNotFound(ShmcacheError, FileNotFoundError):
     """No shared-memory segment of that name exists."""
 

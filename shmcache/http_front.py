@@ -1,4 +1,4 @@
-"""HTTP endpoints of a worker, and the wire encoding shared with groupcache peers.
+"""HTTP endpoints of a worker (the protobuf bodies of the peer routes: wire.py).
 
 Routes (DESIGN.md):
 
@@ -74,7 +74,6 @@ import time
 from concurrent.futures import Future
 from urllib.parse import parse_qs, unquote
 
-from . import kcachepb_pb2 as pb
 from .batch import MAX_BATCH_KEYS, OPS, b64, unb64
 from .errors import (InvalidKey, LoadError, LoadTimeout, NotFound, PeerUnavailable, UnknownGroup,
                      ValueTooLarge)
@@ -85,63 +84,18 @@ from .validate import GROUP_NAME_RULE, is_group_name, positive_ttl
 from .metrics import SERVER_REQUESTS, prometheus_text
 from .reader import NOT_FOUND
 from .stale import stale_headers
+from .wire import PROTOBUF, decode_set_request, encode_get_response
 
 log = logging.getLogger("shmcache")
 
 OCTETS = b"application/octet-stream"
 METRICS = b"text/plain; version=0.0.4; charset=utf-8"
-PROTOBUF = b"application/x-protobuf"
 JSON = b"application/json"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 class BadPath(Exception):
     """A request path that cannot name a group and key; the message is the 4xx reason."""
-
-
-# -- wire encoding -------------------------------------------------------------------------
-
-def expire_to_ns(expire_at):
-    return int(expire_at * 1e9) if expire_at else 0
-
-
-def ns_to_expire(nanoseconds):
-    return nanoseconds / 1e9 if nanoseconds else None
-
-
-def encode_get_response(value, expire_at=None):
-    message = pb.GetResponse(value=value)
-    if expire_at:
-        message.expire = expire_to_ns(expire_at)
-    return message.SerializeToString()
-
-
-def decode_get_response(body):
-    """(value, expiry Unix time or None). ValueError if the body is not a GetResponse."""
-    message = pb.GetResponse()
-    try:
-        message.ParseFromString(body)
-    except Exception as exc:                  # protobuf's DecodeError and friends
-        raise ValueError(f"not a GetResponse: {exc}") from None
-    return message.value, ns_to_expire(message.expire)
-
-
-def encode_set_request(group, key, value, expire_at=None):
-    message = pb.SetRequest(group=group, key=key, value=value)
-    if expire_at:
-        message.expire = expire_to_ns(expire_at)
-    return message.SerializeToString()
-
-
-def decode_set_request(body):
-    message = pb.SetRequest()
-    try:
-        message.ParseFromString(body)
-    except Exception as exc:
-        raise ValueError(f"not a SetRequest: {exc}") from None
-    if not message.IsInitialized():
-        raise ValueError("SetRequest lacks group or key")
-    return message.group, message.key, message.value, ns_to_expire(message.expire)
 
 
 def split_group_key(rest):

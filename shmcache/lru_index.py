@@ -59,7 +59,7 @@ import struct
 import xxhash
 
 from .arena import _OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES, REFBIT_GRANULE
-from .errors import InvalidArgument, ValueTooLarge
+from .errors import CorruptSegment, InvalidArgument, ValueTooLarge
 from .validate import check_value_size, encode_key  # noqa: F401 (encode_key: its old home)
 from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, STATE_WRITING
 
@@ -73,7 +73,8 @@ _COUNTS = struct.Struct("QQ")        # bytes, items (offset 80)
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
 _F64 = struct.Struct("d")
-assert _HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRANULE == 32
+if not (_HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRANULE == 32):
+    raise AssertionError("lru_index: item header or group record out of step with arena.py")
 
 _G_BUDGET, _G_TTL, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 72, 80, 88, 96, 100
 _G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
@@ -377,7 +378,7 @@ class Index:
 
     def audit(self):
         """Check chains, rings, byte counts and budgets against the slab chunks (write lock
-        held, no step open). AssertionError on the first inconsistency; else a summary."""
+        held, no step open). CorruptSegment on the first inconsistency; else a summary."""
         buf = self.buf
         chunks = self.slabs.audit()
         chained = set()
@@ -385,13 +386,16 @@ class Index:
             ref = _U32.unpack_from(buf, self.buckets_off + bucket * 4)[0]
             while ref:
                 offset = ref << 3
-                assert offset in chunks and offset not in chained, ("chain", bucket, offset)
+                if not (offset in chunks and offset not in chained):
+                    raise CorruptSegment("chain", bucket, offset)
                 chained.add(offset)
                 klen, gid = buf[offset + 5], buf[offset + 6]
                 key = buf[offset + ITEM_HEADER_BYTES:offset + ITEM_HEADER_BYTES + klen]
-                assert self._bucket(gid, key) == bucket, ("bucket", offset)
+                if self._bucket(gid, key) != bucket:
+                    raise CorruptSegment("bucket", offset)
                 ref = _U32.unpack_from(buf, offset)[0]
-        assert chained == chunks, ("unchained items", len(chunks - chained))
+        if chained != chunks:
+            raise CorruptSegment("unchained items", len(chunks - chained))
         ringed = 0
         for gid in range(_U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]):
             group = self.groups_off + gid * GROUP_RECORD_BYTES
@@ -400,20 +404,27 @@ class Index:
             ref = hand
             while ref and (count == 0 or ref != hand):
                 offset = ref << 3
-                assert offset in chunks and buf[offset + 6] == gid, ("ring", gid, offset)
+                if not (offset in chunks and buf[offset + 6] == gid):
+                    raise CorruptSegment("ring", gid, offset)
                 prev, nxt = _RING.unpack_from(buf, offset + _I_PREV)
-                assert _U32.unpack_from(buf, (nxt << 3) + _I_PREV)[0] == ref, ("ring link", offset)
+                if _U32.unpack_from(buf, (nxt << 3) + _I_PREV)[0] != ref:
+                    raise CorruptSegment("ring link", offset)
                 count += 1
                 total += buf[offset + 5] + _U32.unpack_from(buf, offset + 12)[0]
-                assert count <= len(chunks), ("ring loops", gid)
+                if count > len(chunks):
+                    raise CorruptSegment("ring loops", gid)
                 ref = nxt
-            assert (count, total) == (items, nbytes), ("counts", gid, count, items, total, nbytes)
-            assert nbytes <= budget or not defined, ("budget", gid, nbytes, budget)
+            if (count, total) != (items, nbytes):
+                raise CorruptSegment("counts", gid, count, items, total, nbytes)
+            if defined and nbytes > budget:
+                raise CorruptSegment("budget", gid, nbytes, budget)
             ringed += count
-        assert ringed == len(chunks), ("items outside rings", len(chunks) - ringed)
+        if ringed != len(chunks):
+            raise CorruptSegment("items outside rings", len(chunks) - ringed)
         odd = [i for i, seq in enumerate(struct.unpack_from(f"{self.nstripes}I", buf,
                                                             self.stripes_off)) if seq & 1]
-        assert not odd or self._marked, ("odd stripes", odd[:5])
+        if odd and not self._marked:
+            raise CorruptSegment("odd stripes", odd[:5])
         return {"items": len(chunks)}
 
     # -- internals (write lock held) --------------------------------------------------------

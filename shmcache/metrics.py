@@ -42,7 +42,8 @@ FLUSH_INTERVAL = 1.0                 # seconds
 _HEADER = struct.Struct("IId")
 _COUNTS_OFF = 64
 _live = weakref.WeakSet()
-assert _COUNTS_OFF + PER_GROUP * 8 == counter_slot_bytes(1)
+if _COUNTS_OFF + PER_GROUP * 8 != counter_slot_bytes(1):
+    raise AssertionError("metrics: counter slot layout out of step with arena.py")
 
 
 class Counters:

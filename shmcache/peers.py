@@ -38,6 +38,7 @@ from .arena import PEER_SLOT_BYTES, PEER_SLOTS
 from .errors import NotFound, PeerUnavailable
 from .ring import Ring
 from .tls import NamedHTTPSConnection, client_context, trust_of, verify_problem
+from .wire import decode_get_response, encode_set_request
 
 log = logging.getLogger("shmcache")
 
@@ -122,7 +123,6 @@ class PeerClient:
         return None if status == 404 else self._value(status, body)
 
     def _value(self, status, body):
-        from .http_front import decode_get_response
         if status == 200:
             try:
                 return decode_get_response(body)
@@ -131,7 +131,6 @@ class PeerClient:
         raise PeerError(f"{self.url} answered {status}: {body[:200].decode(errors='replace').strip()}")
 
     def store(self, group, key, value, expire_at=None):
-        from .http_front import encode_set_request
         status, body = self.request("PUT", self.path(group, key),
                                     encode_set_request(group, key, value, expire_at))
         if status != 200:

@@ -49,7 +49,8 @@ from .lru_index import _F64, _FRACTION, _G_STALE, _HEAD, _U32, encode_key
 from .metrics import HITS, HOT_HITS, MISSES, NEGATIVE_HITS, PER_GROUP
 from .slabs import STATE_LIVE, STATE_NEGATIVE
 
-assert PER_GROUP == 16 and REFBIT_GRANULE == 32    # counts[gid << 4 | kind]; bit = off >> 5
+if not (PER_GROUP == 16 and REFBIT_GRANULE == 32):    # counts[gid << 4 | kind]; bit = off >> 5
+    raise AssertionError("reader: PER_GROUP or REFBIT_GRANULE changed; the shifts here did not")
 
 READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
 MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
@@ -218,7 +219,7 @@ def make_python_reader(index, group_ids, resolve_group, locked_lookup, counts, w
                                  + unpack_f64(buf, stale_off + gid * GROUP_RECORD_BYTES)[0] <= now()):
                     counts[gid << 4 | MISSES] += 1
                     return None
-            bit = (found - low) >> 5                # REFBIT_GRANULE = 32 (asserted below)
+            bit = (found - low) >> 5                # REFBIT_GRANULE = 32 (checked at import)
             byte_off = refbits_off + (bit >> 3)
             mask = 1 << (bit & 7)
             if not buf[byte_off] & mask:            # write only when it changes: hot

@@ -72,7 +72,8 @@ _SLOT = struct.Struct("IIQdIBBH")
 _STATE = struct.Struct("I")
 _KEY_OFF, _GENERATION_OFF, _ERROR_OFF, _ERROR_MAX = 32, 284, 288, 224
 _GENERATION = struct.Struct("I")
-assert _KEY_OFF + MAX_KEY_BYTES <= _GENERATION_OFF
+if _KEY_OFF + MAX_KEY_BYTES > _GENERATION_OFF:
+    raise AssertionError("singleflight: the key field overlaps the slot's generation")
 
 
 class Flights:

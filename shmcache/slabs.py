@@ -50,6 +50,7 @@ import struct
 from .arena import (CLASS_RECORD_BYTES, MAX_CLASSES, PAGE_RECORD_BYTES,
                     _OFFSET_CLASS_COUNT, _OFFSET_CLASS_VERSION, _OFFSET_FREE_PAGE,
                     _OFFSET_FREE_PAGES, _OFFSET_PAGE_MOVES, _OFFSET_VICTIM_CURSOR)
+from .errors import CorruptSegment
 
 GROWTH_FACTOR = 1.25
 MIN_CHUNK = 32                  # = REFBIT_GRANULE: every chunk start gets its own CLOCK bit
@@ -341,7 +342,7 @@ class Slabs:
 
     def audit(self):
         """Check the page table, free lists and partial lists against the chunks; returns the
-        set of chunk offsets holding items. AssertionError on the first inconsistency."""
+        set of chunk offsets holding items. CorruptSegment on the first inconsistency."""
         buf = self.buf
         items = set()
         free_pages = 0
@@ -351,27 +352,35 @@ class Slabs:
             if not owner:
                 free_pages += 1
                 continue
-            assert size == self.chunk_size(owner - 1) and slots == self.page_size // size, page
-            assert carve <= slots and used <= carve, (page, carve, used)
+            if not (size == self.chunk_size(owner - 1) and slots == self.page_size // size):
+                raise CorruptSegment("page geometry", page)
+            if not (carve <= slots and used <= carve):
+                raise CorruptSegment("page counts", page, carve, used)
             base = self.pages_off + page * self.page_size
             free = set()
             link = free_head
             while link:
-                assert 0 < link <= carve and link - 1 not in free, (page, link)
+                if not (0 < link <= carve and link - 1 not in free):
+                    raise CorruptSegment("free list", page, link)
                 free.add(link - 1)
                 offset = base + (link - 1) * size
-                assert buf[offset + 4] == STATE_FREE, (page, link)
+                if buf[offset + 4] != STATE_FREE:
+                    raise CorruptSegment("free chunk state", page, link)
                 link = _U32.unpack_from(buf, offset)[0]
             held = [base + slot * size for slot in range(carve) if slot not in free]
             for offset in held:
-                assert buf[offset + 4] in HOLDING_ITEM, (page, offset)
-            assert len(held) == used, (page, len(held), used)
+                if buf[offset + 4] not in HOLDING_ITEM:
+                    raise CorruptSegment("held chunk state", page, offset)
+            if len(held) != used:
+                raise CorruptSegment("page used", page, len(held), used)
             items.update(held)
         listed = 0
         link = _U32.unpack_from(buf, _OFFSET_FREE_PAGE)[0]
         while link:
             listed += 1
-            assert listed <= self.npages
+            if listed > self.npages:
+                raise CorruptSegment("free page list loops")
             link = _U32.unpack_from(buf, self.pagemeta_off + (link - 1) * PAGE_RECORD_BYTES + 20)[0]
-        assert listed == free_pages == self.free_pages(), (listed, free_pages, self.free_pages())
+        if not (listed == free_pages == self.free_pages()):
+            raise CorruptSegment("free pages", listed, free_pages, self.free_pages())
         return items

@@ -47,7 +47,8 @@ _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
 # WRITER_PID (u32, then 4 spare bytes) and TX_ACTIVE (u64) side by side: one read per write.
 _WRITER_AND_TX = struct.Struct("I4xQ")
-assert _OFFSET_TX_ACTIVE == _OFFSET_WRITER_PID + 8
+if _OFFSET_TX_ACTIVE != _OFFSET_WRITER_PID + 8:
+    raise AssertionError("store: WRITER_PID and TX_ACTIVE must be side by side (one read)")
 # This process's pid for the WRITER_PID mark (os.getpid() is a system call); set anew in a
 # forked child before any of its code runs.
 _this_pid = [os.getpid()]
@@ -493,7 +494,7 @@ class Store:
 
     def audit(self):
         """Check every shared structure for consistency (takes the write lock; O(items)).
-        Repairs first if a writer died. AssertionError names the first inconsistency."""
+        Repairs first if a writer died. CorruptSegment names the first inconsistency."""
         return self.locked(self.index.audit)
 
     # -- figures ----------------------------------------------------------------------------

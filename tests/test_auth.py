@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import shmcache
-from shmcache.http_front import encode_set_request
+from shmcache.wire import encode_set_request
 from shmcache.ring import Ring
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pytest
 
 import shmcache
-from shmcache.http_front import decode_get_response
+from shmcache.wire import decode_get_response
 from shmcache.ring import Ring
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import pytest
 from conftest import Supervised, free_port
 from shmcache.discovery import (PREVIOUS_WINDOW, PeerBoard, PeerView, next_view,
                                 parse_dns_target, peer_url, resolve)
-from shmcache.http_front import decode_get_response
+from shmcache.wire import decode_get_response
 from shmcache.ring import Ring
 from test_cluster import wait_for_workers_using, workers_using
 

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmcache.group import GROUP_NAME
-from shmcache.http_front import (BadPath, decode_get_response, decode_set_request,
-                                 encode_get_response, encode_set_request, split_group_key)
+from shmcache.http_front import BadPath, split_group_key
+from shmcache.wire import (decode_get_response, decode_set_request, encode_get_response,
+                           encode_set_request)
 from shmcache.httpserver import HttpServer, _BadRequest, _Connection
 
 pytestmark = pytest.mark.chaos

@@ -9,7 +9,8 @@ import pytest
 
 import shmcache
 from shmcache import kcachepb_pb2 as pb
-from shmcache.http_front import (BadPath, decode_get_response, encode_get_response, encode_set_request, split_group_key)
+from shmcache.http_front import BadPath, split_group_key
+from shmcache.wire import decode_get_response, encode_get_response, encode_set_request
 
 pytestmark = pytest.mark.integration
 
