@@ -34,7 +34,7 @@ max_item_size (or the group's budget) is not stored, as memcached does: ``set`` 
 key's old value and returns, ``add`` returns False, ``set_many`` lists the key as failed.
 MAX_ENTRIES and CULL_FREQUENCY are accepted and ignored: the segment is bounded by bytes
 and evicts least recently used entries (CLOCK) when it is full. ``clear()`` empties the
-group in this host's segment (on a host with peers, the other hosts keep their entries).
+group: in this host's segment, or on every host when the host has peers (a group flush).
 
 ``close()`` (which Django calls at the end of each request) does nothing: the process keeps
 its mapping, and the segment is never removed by a backend. ``python -m shmcache.segments
