@@ -346,3 +346,15 @@ def cluster(tmp_path):
     yield start
     for instance in made:
         instance.cleanup()
+
+
+def wait_for_waiters(store, group, key, count, timeout=60):
+    """Wait until ``count`` processes wait for the load of ``key`` in flight on the host
+    (HostFlights.waiting): every other process has met the loading one."""
+    from shmcache.lru_index import encode_key
+    from shmcache.singleflight import HostFlights
+    flights, gid, data = HostFlights(store), store.group_id(group), encode_key(key)
+    deadline = time.monotonic() + timeout
+    while flights.waiting(gid, data) != count:
+        assert time.monotonic() < deadline, "the processes never met in one load"
+        time.sleep(0.01)

@@ -449,9 +449,7 @@ asyncio.run(main())
 
 def test_embedded_getters_load_once_for_the_host_across_loops_and_processes(
         segment_name, processes, tmp_path):
-    from conftest import REPO
-    from shmcache.lru_index import encode_key
-    from shmcache.singleflight import HostFlights
+    from conftest import REPO, wait_for_waiters
     calls, gate = tmp_path / "calls", tmp_path / "gate"
     with shmcache.create(segment_name, "8MiB", groups={"users": "1MiB"}) as owner:
         children = [processes.python(EMBEDDED, segment_name, calls, gate, 300, 5,
@@ -459,12 +457,7 @@ def test_embedded_getters_load_once_for_the_host_across_loops_and_processes(
                     for _ in range(3)]
         for child in children:
             assert child.stdout.readline().strip() == "started"
-        store = owner._live_store()
-        flights, gid = HostFlights(store), store.group_id("users")
-        deadline = time.monotonic() + 60
-        while flights.waiting(gid, encode_key("ada")) != 2:     # all but the loader
-            assert time.monotonic() < deadline, "the processes never met in one load"
-            time.sleep(0.01)
+        wait_for_waiters(owner._live_store(), "users", "ada", 2)     # all but the loader
         gate.write_text("open")
         outcomes = {}
         for child in children:

@@ -13,9 +13,7 @@ import time
 import pytest
 
 import shmcache
-from shmcache.lru_index import encode_key
-from shmcache.singleflight import HostFlights
-from conftest import REPO, Supervised
+from conftest import REPO, Supervised, wait_for_waiters
 
 pytestmark = pytest.mark.integration
 
@@ -105,13 +103,8 @@ def run_children(processes, tmp_path, name, mode, count, cancel=0, children=3):
     for proc in procs:
         assert proc.stdout.readline().strip() == "waiting"
     with shmcache.connect(name=name) as observer:
-        store = observer._live_store()
-        flights = HostFlights(store)
-        gid, key = store.group_id("memo"), encode_key(keys.pop())
-        deadline = time.monotonic() + 60
-        while flights.waiting(gid, key) != children - 1:   # all but the loading process
-            assert time.monotonic() < deadline, "the processes never met in one load"
-            time.sleep(0.01)
+        # all but the loading process
+        wait_for_waiters(observer._live_store(), "memo", keys.pop(), children - 1)
     gate.write_text("open")
     outcomes = {}
     for proc in procs:

@@ -49,6 +49,16 @@ def wait_stats(host, check, timeout=30):
         time.sleep(0.1)
 
 
+def table_row(output, group):
+    """{column: cell} of ``group``'s row in the stats table, read from the right (sizes
+    such as "4.0 MiB" hold a space)."""
+    assert output.returncode == 0, output.stderr
+    lines = output.stdout.splitlines()
+    columns = next(line for line in lines if line.startswith("group ")).split()
+    cells = next(line for line in lines if line.startswith(f"{group} ")).split()
+    return dict(zip(reversed(columns), reversed(cells)))
+
+
 def test_getter_calls_and_deduplicated_loads_are_separate_columns(supervised):
     host = supervised(APP, env={"KCACHE_TEST_DELAY": "1.0"})
     threads = [threading.Thread(target=host.get, args=("test", "slow-shared")) for _ in range(6)]
@@ -62,12 +72,7 @@ def test_getter_calls_and_deduplicated_loads_are_separate_columns(supervised):
     assert group["local_loads"] == 1 and len(host.calls()) == 1      # one getter call
     assert group["loads"] >= 2                                       # several gets loaded
     output = stats_command(host)
-    assert output.returncode == 0, output.stderr
-    lines = output.stdout.splitlines()
-    columns = next(line for line in lines if line.startswith("group ")).split()
-    # Columns by name, read from the right (sizes such as "4.0 MiB" hold a space).
-    cells = next(line for line in lines if line.startswith("test ")).split()
-    right = dict(zip(reversed(columns), reversed(cells)))
+    right = table_row(output, "test")
     assert right["getter"] == "1"
     assert right["loads"] == f"{group['loads']:,}"
     assert right["deduped"] == f"{group['loads_deduped']:,}"
@@ -96,10 +101,5 @@ def test_negative_hits_have_their_column(supervised):
         assert host.get("remember", "missing-key")[0] == 404     # one getter call, 3 remembered
     stats = wait_stats(host, lambda s: s["groups"]["remember"]["gets"] >= 4)
     assert stats["groups"]["remember"]["negative_hits"] == 3
-    output = stats_command(host)
-    assert output.returncode == 0, output.stderr
-    lines = output.stdout.splitlines()
-    columns = next(line for line in lines if line.startswith("group ")).split()
-    cells = next(line for line in lines if line.startswith("remember ")).split()
-    right = dict(zip(reversed(columns), reversed(cells)))
+    right = table_row(stats_command(host), "remember")
     assert right["neg"] == "3" and right["stale"] == "0" and right["getter"] == "1"
