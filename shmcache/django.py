@@ -58,7 +58,8 @@ from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
 
-from .arena import _OFFSET_OWNER_PID, MAGIC, MAX_KEY_BYTES, WRITE_LOCK_BYTE, Layout, segment_path
+from .arena import (_OFFSET_OWNER_PID, MAGIC, MAX_KEY_BYTES, WRITE_LOCK_BYTE, Arena, Layout,
+                    segment_path)
 from .client import Client, connect, create
 from .errors import (ClientClosed, InvalidArgument, NotAnInteger, NotFound, SegmentIncompatible,
                      SegmentInUse, SegmentNotFound, UnknownGroup, ValueTooLarge)
@@ -236,12 +237,28 @@ class _Embedded:
                 named = os.stat(path)
             except FileNotFoundError:
                 return
-            if (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino):
+            # The name may already point to a new segment that another process made after
+            # removing the incompatible one (we opened the name after it did): that one must
+            # stay. Under its write lock, check that the file we hold is still unusable.
+            if ((named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+                    and not _usable(self.name, (mine.st_dev, mine.st_ino))):
                 os.unlink(path)
                 log.warning("cache segment %s: %s; removed it, a new one is made",
                             self.name, reason)
         finally:
             lock_file.close()
+
+
+def _usable(name, identity):
+    """True if segment ``name`` is the file ``identity`` and this version can attach to it."""
+    try:
+        arena = Arena.attach(name)
+    except (SegmentIncompatible, SegmentNotFound):
+        return False
+    try:
+        return arena.identity == identity
+    finally:
+        arena.close()
 
 
 @dataclass(frozen=True)
