@@ -58,7 +58,8 @@ import struct
 
 import xxhash
 
-from .arena import _OFFSET_GROUP_LIMIT, GROUP_RECORD_BYTES, ITEM_HEADER_BYTES, REFBIT_GRANULE
+from .arena import (_OFFSET_GROUP_LIMIT, _OFFSET_TX_ACTIVE, _OFFSET_TX_SEQ, GROUP_RECORD_BYTES,
+                    ITEM_HEADER_BYTES, LOG_ENTRY_BYTES, REFBIT_GRANULE)
 from .errors import CorruptSegment, InvalidArgument, ValueTooLarge
 from .validate import check_value_size, encode_key  # noqa: F401 (encode_key: its old home)
 from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, STATE_WRITING
@@ -79,7 +80,7 @@ if not (_HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GR
 _G_BUDGET, _G_TTL, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 72, 80, 88, 96, 100
 _G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
 _G_STALE, _G_GENERATION = 136, 144
-_I_EXPIRY, _I_PREV, _I_NEXT = 8, 16, 20
+_I_KLEN, _I_GID, _I_EXPIRY, _I_PREV, _I_NEXT = 5, 6, 8, 16, 20
 _KEEP_LINK_KEY_GROUP = ~(0xFF << 32 | 0xFF << 56)   # word 0 without state and expiry fraction
 
 MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
@@ -121,6 +122,24 @@ class Index:
         self.seeds = [(seed + gid * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
                       for gid in range(lay.max_groups)]
         self._marked = []                    # stripe counters this write section made odd
+        self.native_writer = None            # the C twin of _rewrite (use_native_writer)
+        self._native_rewrite = None
+
+    def use_native_writer(self, writer_type, journal_full):
+        """Rewrite in place with ``writer_type`` (shmcache._native.Writer): the same stores
+        as ``_rewrite``, in the same order, in C. Constants come from here."""
+        journal = self.journal
+        writer = writer_type(self.buf, {
+            "log_start": journal.start, "log_end": journal.end, "entry_bytes": LOG_ENTRY_BYTES,
+            "tx_active": _OFFSET_TX_ACTIVE, "tx_seq": _OFFSET_TX_SEQ,
+            "item_header_bytes": ITEM_HEADER_BYTES, "o_klen": _I_KLEN, "o_gid": _I_GID,
+            "o_expiry": _I_EXPIRY, "groups_off": self.groups_off,
+            "group_record_bytes": GROUP_RECORD_BYTES, "g_sets": _G_SETS,
+            "refbits_off": self.refbits_off, "pages_off": self.pages_off,
+            "refbit_granule": REFBIT_GRANULE, "state_writing": STATE_WRITING,
+            "keep_mask": _KEEP_LINK_KEY_GROUP & 0xFFFFFFFFFFFFFFFF,
+        }, journal_full)
+        self.native_writer, self._native_rewrite = writer, writer.rewrite
 
     # -- readers ------------------------------------------------------------------------------
     # The lock-free read path is reader.make_reader; this is its fallback under the lock.
@@ -267,10 +286,16 @@ class Index:
         absent, and writers overwrite or evict it like any other (its lengths never changed,
         so the byte counts stay right). Readers meanwhile see the stripe odd and retry."""
         buf, journal = self.buf, self.journal
+        seconds, frac = expiry_fields(expire_at)
+        native = self._native_rewrite
+        if native is not None:
+            journal.step = native(offset, value, seconds, state | frac << 24, journal.pos,
+                                  journal.step)
+            journal.pos = journal.start + LOG_ENTRY_BYTES
+            return
         word = _U64.unpack_from(buf, offset)[0] & _KEEP_LINK_KEY_GROUP
         journal.w64(offset, word | STATE_WRITING << 32)
         journal.checkpoint()
-        seconds, frac = expiry_fields(expire_at)
         start = offset + ITEM_HEADER_BYTES + buf[offset + 5]
         buf[start:start + len(value)] = value
         _U32.pack_into(buf, offset + _I_EXPIRY, seconds)

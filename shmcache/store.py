@@ -33,11 +33,11 @@ from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_RETIRED, _OFFSET
 from .batch import chunks
 from .errors import (InvalidArgument, NotAnInteger, SegmentNotFound, UnknownGroup,
                      ValueTooLarge)
-from .journal import Journal
+from .journal import Journal, JournalFull
 from .locks import LockFile
 from .lru_index import Index, encode_key
 from .metrics import Counters
-from .reader import NOT_FOUND, make_reader
+from .reader import NOT_FOUND, make_reader, native_writer
 from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, Slabs
 from .units import parse_size
 from .validate import check_ttl, check_value_size  # noqa: F401 (check_ttl: its old home)
@@ -89,6 +89,9 @@ class Store:
         self.journal = Journal(arena)
         self.slabs = Slabs(arena, self.journal)
         self.index = Index(arena, self.journal, self.slabs)
+        writer = native_writer()
+        if writer is not None:
+            self.index.use_native_writer(writer, JournalFull)
         # This process's descriptor for byte locks, opened through the mapped descriptor
         # rather than the name: the name may point to a newer segment by now.
         self.lock_file = LockFile(f"/proc/self/fd/{arena.fd}")
