@@ -1,7 +1,8 @@
-"""HTTP/1.1 messages as the worker's server (httpserver.py) reads and writes them: the
+"""HTTP/1.1 messages as a worker reads and writes them. Its server's (httpserver.py): the
 limits one request may use, ``parse_request`` (the next whole request of a connection's
 input buffer, or a BadRequest for its 4xx answer), and ``render``/``error``, which make a
-whole response as bytes. No sockets here: the event loop that moves the bytes is
+whole response as bytes. Its fetches from owners' (peer_fetch.py): ``parse_response``, a
+whole response read back. No sockets here: the event loop that moves the bytes is
 httpserver.py's.
 """
 
@@ -176,3 +177,59 @@ def parse_request(connection, limits):
         raise BadRequest(400, "request target must be a path")
     return Request(method.decode(), target, version.decode(), headers, body, keep_alive,
                    connection.peer)
+
+
+def parse_response(buf, closed):
+    """(status, body, keep_alive) of the whole response in ``buf``; None if incomplete.
+    ValueError if it is not HTTP/1.x."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise ValueError(repr(lines[0][:80]))
+    status = int(parts[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip().lower()
+    keep = parts[0] == b"HTTP/1.1" and b"close" not in headers.get(b"connection", b"")
+    start = end + 4
+    length = headers.get(b"content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ValueError("bad Content-Length")
+        length = int(length)
+        if len(buf) - start < length:
+            return None
+        return status, bytes(buf[start:start + length]), keep
+    if b"chunked" in headers.get(b"transfer-encoding", b""):
+        body = _dechunk(buf, start)
+        return None if body is None else (status, body, keep)
+    if status in (204, 304) or 100 <= status < 200:
+        return status, b"", keep
+    if not closed:                     # the body runs until the peer closes
+        return None
+    return status, bytes(buf[start:]), False
+
+
+def _dechunk(buf, at):
+    """The body of a chunked response starting at ``at``; None if incomplete."""
+    chunks = []
+    while True:
+        line_end = buf.find(b"\r\n", at)
+        if line_end < 0:
+            return None
+        size_text = bytes(buf[at:line_end]).split(b";")[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise ValueError("bad chunk size") from None
+        at = line_end + 2
+        if size == 0:
+            return b"".join(chunks) if buf.find(b"\r\n", at) >= 0 else None
+        if len(buf) < at + size + 2:
+            return None
+        chunks.append(bytes(buf[at:at + size]))
+        at += size + 2
