@@ -32,11 +32,11 @@ from collections.abc import Iterable, Mapping
 
 from . import batch
 from .client import DEFAULT_TIMEOUT, Client
+from .errors import ClientClosed, LoadError, NotFound, PeerUnavailable, SegmentNotFound
 from .front_client import (batch_path, distinct_keys, fetch_answer, front_key, front_path,
                            given_keys, many_answer, many_result, set_many_body, ttl_query,
                            write_answer)
 from .handles import connect as _connect, create as _create
-from .errors import ClientClosed, LoadError, NotFound, PeerUnavailable, SegmentNotFound
 from .lru_index import encode_key
 from .store import Store, check_ttl, encode_value
 
