@@ -60,10 +60,11 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .arena import (_OFFSET_OWNER_PID, MAGIC, MAX_KEY_BYTES, WRITE_LOCK_BYTE, Arena, Layout,
                     segment_path)
-from .client import Client, connect, create
+from .client import Client
 from .errors import (ClientClosed, InvalidArgument, NotAnInteger, NotFound, SegmentIncompatible,
                      SegmentInUse, SegmentNotFound, UnknownGroup, ValueTooLarge)
 from .group import Group
+from .handles import connect, create
 from .locks import LockFile
 from .store import decimal_value
 from .units import parse_size
