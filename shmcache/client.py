@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import quote
 
 from . import batch
-from .arena import _OFFSET_PEER_COUNT, retire
+from .arena import retire
 from .attachment import Attachment
 from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadError,
                      LoadTimeout, NotFound, PeerUnavailable, SegmentNotFound, UnknownGroup,
                      ValueTooLarge)
 from .group import Group
+from .layout import HEADER
 from .lru_index import encode_key
 from .metrics import MISSES, host_stats
 from .stale import Refreshes, refresh, stale_hit
@@ -339,7 +340,7 @@ class Client:
 
     @staticmethod
     def _clustered(store):
-        return store.arena.get_u32(_OFFSET_PEER_COUNT) > 1
+        return store.arena.get_u32(HEADER.peer_count) > 1
 
     def _cluster_write(self, method, group, key, body=None, query=""):
         status, data = self._front_request(method, group, key, body, query)
