@@ -30,7 +30,8 @@ import struct
 
 import xxhash
 
-from .errors import CorruptSegment, InvalidArgument, ValueTooLarge
+from .errors import InvalidArgument, ValueTooLarge
+from .index_audit import audit, group_figures, groups_by_share
 from .layout import (BUCKET_BYTES, GROUP, GROUP_RECORD_BYTES, HEADER, ITEM, ITEM_HEADER_BYTES,
                      ITEM_WORD0, REFBIT_GRANULE, STRIPE_BYTES)
 from .validate import check_value_size, encode_key  # noqa: F401 (encode_key: its old home)
@@ -40,8 +41,6 @@ _HEAD = ITEM.struct("chain", "vlen")   # chain, state, key len, group, frac, exp
 _TAIL = ITEM.struct("seconds", "next")  # expiry s, value len, ring prev, ring next
 _RING = ITEM.struct("prev", "next")
 _GROUP = GROUP.struct("name", "defined")
-_GROUP_TAIL = GROUP.struct("budget", "defined")
-_GROUP_STATS = GROUP.struct("evictions", "deletes")
 _COUNTS = GROUP.struct("bytes", "items")
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
@@ -302,7 +301,8 @@ class Index:
         gid = self.find_group(name)
         if gid is None:
             for gid in range(self.max_groups):
-                if not _U32.unpack_from(buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_DEFINED)[0]:
+                record = self.groups_off + gid * GROUP_RECORD_BYTES
+                if not _U32.unpack_from(buf, record + _G_DEFINED)[0]:
                     break
             else:
                 raise InvalidArgument(f"the segment holds at most {self.max_groups} groups")
@@ -330,85 +330,28 @@ class Index:
         return None
 
     def group_name(self, gid):
-        return _GROUP.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_NAME)[0] \
-            .rstrip(b"\0").decode()
+        record = self.groups_off + gid * GROUP_RECORD_BYTES
+        return _GROUP.unpack_from(self.buf, record + _G_NAME)[0].rstrip(b"\0").decode()
 
     def group_ttl(self, gid):
-        return _F64.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_TTL)[0] or None
+        record = self.groups_off + gid * GROUP_RECORD_BYTES
+        return _F64.unpack_from(self.buf, record + _G_TTL)[0] or None
 
     def group_stale(self, gid):
         """The group's stale window in seconds (0.0: none)."""
         return _F64.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_STALE)[0]
 
     def groups(self):
-        """{name: stats dict} of every defined group."""
-        result = {}
-        for gid in range(_U32.unpack_from(self.buf, _GROUP_LIMIT)[0]):
-            record = self.groups_off + gid * GROUP_RECORD_BYTES
-            name, budget, ttl, nbytes, items, _hand, defined = _GROUP.unpack_from(self.buf, record + _G_NAME)
-            if not defined:
-                continue
-            evictions, expirations, sets, deletes = _GROUP_STATS.unpack_from(
-                self.buf, record + _G_EVICTIONS)
-            result[name.rstrip(b"\0").decode()] = {
-                "id": gid, "cache_bytes": budget, "ttl": ttl or None,
-                "stale": _F64.unpack_from(self.buf, record + _G_STALE)[0] or None, "bytes": nbytes,
-                "items": items, "evictions": evictions, "expirations": expirations,
-                "sets": sets, "deletes": deletes}
-        return result
+        """{name: stats dict} of every defined group (index_audit.py)."""
+        return group_figures(self)
 
     # -- consistency ------------------------------------------------------------------------
 
     def audit(self):
         """Check chains, rings, byte counts and budgets against the slab chunks (write lock
-        held, no step open). CorruptSegment on the first inconsistency; else a summary."""
-        buf = self.buf
-        chunks = self.slabs.audit()
-        chained = set()
-        for bucket in range(self.nbuckets):
-            ref = _U32.unpack_from(buf, self.buckets_off + bucket * BUCKET_BYTES)[0]
-            while ref:
-                offset = ref << 3
-                if not (offset in chunks and offset not in chained):
-                    raise CorruptSegment("chain", bucket, offset)
-                chained.add(offset)
-                klen, gid = buf[offset + _I_KLEN], buf[offset + _I_GID]
-                key = buf[offset + ITEM_HEADER_BYTES:offset + ITEM_HEADER_BYTES + klen]
-                if self._bucket(gid, key) != bucket:
-                    raise CorruptSegment("bucket", offset)
-                ref = _U32.unpack_from(buf, offset + _I_CHAIN)[0]
-        if chained != chunks:
-            raise CorruptSegment("unchained items", len(chunks - chained))
-        ringed = 0
-        for gid in range(_U32.unpack_from(buf, _GROUP_LIMIT)[0]):
-            group = self.groups_off + gid * GROUP_RECORD_BYTES
-            budget, _ttl, nbytes, items, hand, defined = _GROUP_TAIL.unpack_from(buf, group + _G_BUDGET)
-            count = total = 0
-            ref = hand
-            while ref and (count == 0 or ref != hand):
-                offset = ref << 3
-                if not (offset in chunks and buf[offset + _I_GID] == gid):
-                    raise CorruptSegment("ring", gid, offset)
-                prev, nxt = _RING.unpack_from(buf, offset + _I_PREV)
-                if _U32.unpack_from(buf, (nxt << 3) + _I_PREV)[0] != ref:
-                    raise CorruptSegment("ring link", offset)
-                count += 1
-                total += buf[offset + _I_KLEN] + _U32.unpack_from(buf, offset + _I_VLEN)[0]
-                if count > len(chunks):
-                    raise CorruptSegment("ring loops", gid)
-                ref = nxt
-            if (count, total) != (items, nbytes):
-                raise CorruptSegment("counts", gid, count, items, total, nbytes)
-            if defined and nbytes > budget:
-                raise CorruptSegment("budget", gid, nbytes, budget)
-            ringed += count
-        if ringed != len(chunks):
-            raise CorruptSegment("items outside rings", len(chunks) - ringed)
-        odd = [i for i, seq in enumerate(struct.unpack_from(f"{self.nstripes}I", buf,
-                                                            self.stripes_off)) if seq & 1]
-        if odd and not self._marked:
-            raise CorruptSegment("odd stripes", odd[:5])
-        return {"items": len(chunks)}
+        held, no step open). CorruptSegment on the first inconsistency; else a summary
+        (index_audit.py)."""
+        return audit(self)
 
     # -- internals (write lock held) --------------------------------------------------------
 
@@ -502,7 +445,7 @@ class Index:
         """
         slabs = self.slabs
         if slabs.has_pages(class_id):
-            for group in self._groups_by_share(gid):
+            for group in groups_by_share(self, gid):
                 for _eviction in range(ROOM_EVICTIONS):
                     offset = self._clock_victim(group, now)
                     if not offset:
@@ -521,18 +464,6 @@ class Index:
             if chunk:
                 return chunk
         raise AssertionError("no page could be emptied for a new item")
-
-    def _groups_by_share(self, gid):
-        """Group record offsets holding items, largest bytes/budget first, ``gid`` last of equals."""
-        buf = self.buf
-        ranked = []
-        for other in range(_U32.unpack_from(buf, _GROUP_LIMIT)[0]):
-            record = self.groups_off + other * GROUP_RECORD_BYTES
-            budget, _ttl, nbytes, items, _hand, defined = _GROUP_TAIL.unpack_from(buf, record + _G_BUDGET)
-            if defined and items:
-                ranked.append((-nbytes / budget if budget else 0.0, other == gid, record))
-        ranked.sort()
-        return [record for _share, _mine, record in ranked]
 
     def _ring_remove(self, group, offset):
         buf, journal = self.buf, self.journal

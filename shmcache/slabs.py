@@ -124,7 +124,8 @@ class Slabs:
         if version != self._sizes_version:
             count = _U32.unpack_from(self.buf, _CLASS_COUNT)[0]
             self._sizes = sorted(
-                (_U32.unpack_from(self.buf, self.classes_off + c * CLASS_RECORD_BYTES + _C_SIZE)[0], c)
+                (_U32.unpack_from(self.buf, self.classes_off + c * CLASS_RECORD_BYTES
+                                  + _C_SIZE)[0], c)
                 for c in range(count))
             self._size_keys = [size for size, _class_id in self._sizes]
             self._sizes_version = version
@@ -160,7 +161,7 @@ class Slabs:
             _VOTE.pack_into(buf, record + _C_VOTE, 0, 0)
             journal = self.journal
             new_record = self.classes_off + count * CLASS_RECORD_BYTES
-            journal.w64(new_record + _C_SIZE_PARTIAL, need)                # chunk size, empty partial list
+            journal.w64(new_record + _C_SIZE_PARTIAL, need)   # chunk size, empty partial list
             journal.w64(new_record + _C_PAGES_RESERVED, 0)               # no pages, no chunks
             journal.w64(new_record + _C_VOTE, 0)
             journal.w32(_CLASS_COUNT, count + 1)
@@ -170,12 +171,14 @@ class Slabs:
         return class_id
 
     def chunk_size(self, class_id):
-        return _U32.unpack_from(self.buf, self.classes_off + class_id * CLASS_RECORD_BYTES + _C_SIZE)[0]
+        record = self.classes_off + class_id * CLASS_RECORD_BYTES
+        return _U32.unpack_from(self.buf, record + _C_SIZE)[0]
 
     def class_of(self, offset):
         """Class id of the page holding ``offset`` (which must be inside a page in use)."""
         page = (offset - self.pages_off) // self.page_size
-        return _U32.unpack_from(self.buf, self.pagemeta_off + page * PAGE_RECORD_BYTES + _P_CLASS)[0] - 1
+        page_rec = self.pagemeta_off + page * PAGE_RECORD_BYTES
+        return _U32.unpack_from(self.buf, page_rec + _P_CLASS)[0] - 1
 
     # -- chunks -----------------------------------------------------------------------------
 
@@ -186,7 +189,8 @@ class Slabs:
         head = _U32.unpack_from(buf, class_rec + _C_PARTIAL)[0]
         while head:
             page_rec = self.pagemeta_off + (head - 1) * PAGE_RECORD_BYTES
-            _cls, carve, used, free_head, _prev, _next, size, slots = _PAGE.unpack_from(buf, page_rec + _P_CLASS)
+            _cls, carve, used, free_head, _prev, _next, size, slots = _PAGE.unpack_from(
+                buf, page_rec + _P_CLASS)
             if free_head or carve < slots:
                 break
             self._unlink_partial(class_rec, page_rec)        # full: off the list
@@ -196,7 +200,8 @@ class Slabs:
             if not head:
                 return 0
             page_rec = self.pagemeta_off + (head - 1) * PAGE_RECORD_BYTES
-            _cls, carve, used, free_head, _prev, _next, size, slots = _PAGE.unpack_from(buf, page_rec + _P_CLASS)
+            _cls, carve, used, free_head, _prev, _next, size, slots = _PAGE.unpack_from(
+                buf, page_rec + _P_CLASS)
         page = head - 1
         base = self.pages_off + page * self.page_size
         if free_head:
@@ -280,7 +285,8 @@ class Slabs:
         return _U32.unpack_from(self.buf, _FREE_PAGES)[0]
 
     def has_pages(self, class_id):
-        return _U32.unpack_from(self.buf, self.classes_off + class_id * CLASS_RECORD_BYTES + _C_PAGES)[0] > 0
+        record = self.classes_off + class_id * CLASS_RECORD_BYTES
+        return _U32.unpack_from(self.buf, record + _C_PAGES)[0] > 0
 
     def victim_page(self, class_id):
         """A page in use to empty for ``class_id``: of the next VICTIM_CANDIDATES pages of other
@@ -314,7 +320,8 @@ class Slabs:
         """Offsets of the chunks of ``page`` that hold items (read under the write lock)."""
         buf = self.buf
         page_rec = self.pagemeta_off + page * PAGE_RECORD_BYTES
-        _cls, carve, _used, _free, _p, _n, size, _slots = _PAGE.unpack_from(buf, page_rec + _P_CLASS)
+        _cls, carve, _used, _free, _p, _n, size, _slots = _PAGE.unpack_from(
+            buf, page_rec + _P_CLASS)
         base = self.pages_off + page * self.page_size
         return [base + slot * size for slot in range(carve)
                 if buf[base + slot * size + _STATE] in HOLDING_ITEM]
@@ -332,7 +339,8 @@ class Slabs:
                 used[owner - 1] += in_use
         classes = []
         for size, class_id in self._sorted_sizes():
-            pages = _U32.unpack_from(buf, self.classes_off + class_id * CLASS_RECORD_BYTES + _C_PAGES)[0]
+            record = self.classes_off + class_id * CLASS_RECORD_BYTES
+            pages = _U32.unpack_from(buf, record + _C_PAGES)[0]
             if pages:
                 classes.append({"chunk_size": size, "pages": pages, "chunks_used": used[class_id],
                                 "chunks_per_page": self.page_size // size})
@@ -383,7 +391,8 @@ class Slabs:
             listed += 1
             if listed > self.npages:
                 raise CorruptSegment("free page list loops")
-            link = _U32.unpack_from(buf, self.pagemeta_off + (link - 1) * PAGE_RECORD_BYTES + _P_NEXT)[0]
+            link = _U32.unpack_from(
+                buf, self.pagemeta_off + (link - 1) * PAGE_RECORD_BYTES + _P_NEXT)[0]
         if not (listed == free_pages == self.free_pages()):
             raise CorruptSegment("free pages", listed, free_pages, self.free_pages())
         return items
