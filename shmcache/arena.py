@@ -1,4 +1,4 @@
-"""The shared-memory segment: create, attach, close, unlink; its header and region map.
+"""The shared-memory segment: create, attach, close, unlink; its header.
 
 A segment is a file in ``/dev/shm`` (POSIX shared memory, as ``multiprocessing.shared_memory``
 makes them) mapped with ``mmap``. We open it with ``os.open`` rather than ``SharedMemory``:

@@ -33,9 +33,9 @@ The in-flight slot (INFLIGHT, one per slot) and the slots' lock bytes (INFLIGHT_
 are declared in layout.py.
 
 A flush of the group moves its generation on (lru_index.py); a slot keeps the low 32 bits
-of the generation its load was claimed in. A load claimed before stores
-nothing (group.py), and a claim after it does not join that load: it claims a slot of its
-own, so gets after a flush neither wait for a load from before it nor share its answer.
+of the generation its load was claimed in. A load claimed before the flush stores nothing
+(group.py), and a claim after it does not join that load: it claims a slot of its own, so
+gets after a flush neither wait for a load from before it nor share its answer.
 """
 
 import asyncio
@@ -48,7 +48,8 @@ import time
 import xxhash
 
 from .errors import LoadError, LoadTimeout, NotFound
-from .layout import INFLIGHT, INFLIGHT_ERROR_BYTES, INFLIGHT_LOCK_BASE, INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS
+from .layout import (INFLIGHT, INFLIGHT_ERROR_BYTES, INFLIGHT_LOCK_BASE,
+                     INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS)
 from .reader import NOT_FOUND
 
 log = logging.getLogger("shmcache")
