@@ -175,3 +175,21 @@ def test_no_module_but_layout_writes_an_arena_offset_as_a_number():
             problems.append(f"{path.name}:{line}: {text}")
     assert not problems, ("arena offsets written as numbers (declare the field in "
                           "layout.py and use its name):\n" + "\n".join(problems))
+
+
+def test_the_c_reader_gets_its_offsets_from_layout():
+    from types import SimpleNamespace
+
+    from shmcache import reader
+    index = SimpleNamespace(nbuckets=8, nstripes=8, stripes_off=0, buckets_off=0, refbits_off=0,
+                            pages_off=4096, pages_end=8192, max_item_size=100, groups_off=1000)
+    got = reader.native_layout(index)
+    item = layout.ITEM
+    assert (got["o_chain"], got["o_state"], got["o_klen"], got["o_gid"], got["o_frac"],
+            got["o_seconds"], got["o_vlen"]) == (item.chain, item.state, item.klen, item.gid,
+                                                 item.frac, item.seconds, item.vlen)
+    assert got["stale_off"] == 1000 + layout.GROUP.stale
+    assert (got["group_record_bytes"], got["item_header_bytes"], got["max_key_bytes"],
+            got["refbit_granule"], got["per_group"]) == (
+        layout.GROUP.nbytes, layout.ITEM.nbytes, layout.MAX_KEY_BYTES, layout.REFBIT_GRANULE,
+        layout.COUNTERS_PER_GROUP)
