@@ -31,7 +31,7 @@ Region map (offsets from the segment start, computed by ``Layout.plan``; each re
 
 An item *ref* is its chunk's offset // 8 (0 = none): u32 refs reach 32 GiB.
 
-Lock bytes of the segment file are names, not data (locks.py): see LOCK_BYTES at the end.
+Lock bytes of the segment file are names, not data (locks.py): see LOCK_BYTES.
 """
 
 import struct
