@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 
 from . import batch
-from .arena import _OFFSET_PEER_COUNT, retire
+from .arena import retire
 from .attachment import Attachment
 from .errors import (ClientClosed, InvalidArgument, InvalidKey, LoadError, NotFound,
                      PeerUnavailable, SegmentNotFound, UnknownGroup)
@@ -25,6 +25,7 @@ from .front_client import (BATCH_HEADERS, FrontConnection, batch_path, distinct_
                            fetch_answer, front_key, front_path, given_keys, many_answer,
                            many_result, set_many_body, ttl_query, write_answer)
 from .group import Group
+from .layout import HEADER
 from .lru_index import encode_key
 from .metrics import MISSES, host_stats
 from .stale import Refreshes, refresh, stale_hit
@@ -328,7 +329,7 @@ class Client:
 
     @staticmethod
     def _clustered(store):
-        return store.arena.get_u32(_OFFSET_PEER_COUNT) > 1
+        return store.arena.get_u32(HEADER.peer_count) > 1
 
     def _cluster_write(self, method, group, key, body=None, query=""):
         status, data = self._front_request(method, group, key, body, query)
