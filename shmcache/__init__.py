@@ -1,6 +1,7 @@
 """shmcache (K-Cache): a groupcache-style cache whose host-local tier lives in shared memory."""
 
-from .client import Client, connect, create
+from .client import Client
+from .handles import connect, create
 from .group import Group
 from .errors import (AuthError, ClientClosed, CorruptSegment, InvalidArgument, InvalidKey, LoadError,
                      LoadTimeout, NotAnInteger, NotFound, PeerUnavailable, SegmentCreateError,

@@ -621,8 +621,8 @@ typedef struct {
     PyObject *buf;               /* the arena's mmap */
     PyObject *journal_full;      /* journal.JournalFull */
     PyObject *pause;             /* tests: called with "w64" / "checkpoint" before each */
-    Py_ssize_t log_start, log_end, entry_bytes, tx_active, tx_seq;
-    Py_ssize_t item_header_bytes, o_klen, o_gid, o_expiry, groups_off, group_record_bytes;
+    Py_ssize_t log_start, log_end, entry_bytes, e_word, e_old, e_step, tx_active, tx_seq;
+    Py_ssize_t item_header_bytes, o_word0, o_klen, o_gid, o_expiry, groups_off, group_record_bytes;
     Py_ssize_t g_sets, refbits_off, pages_off, refbit_granule;
     uint64_t keep_mask, state_writing;
 } Writer;
@@ -679,7 +679,7 @@ writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     uint8_t *buf = arena.buf;
     Py_ssize_t size = arena.len;
-    if (offset < self->pages_off || offset & 7
+    if (offset < self->pages_off || (offset + self->o_word0) & 7
             || offset + self->item_header_bytes > size) {
         PyErr_Format(PyExc_ValueError, "rewrite: item offset %zd out of bounds", offset);
         goto done;
@@ -695,16 +695,17 @@ writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(self->journal_full, "journal step exceeded its log");
         goto done;
     }
-    uint64_t word = get_u64(buf + offset) & self->keep_mask;
+    uint8_t *word0 = buf + offset + self->o_word0;
+    uint64_t word = get_u64(word0) & self->keep_mask;
     if (pause_before(self, "w64") < 0)
         goto done;
     /* journal.w64(offset, word | STATE_WRITING << 32): the entry (step id last), then the word */
-    put_u64(buf + pos, (uint64_t)offset);
-    put_u64(buf + pos + 8, get_u64(buf + offset));
+    put_u64(buf + pos + self->e_word, (uint64_t)(offset + self->o_word0));
+    put_u64(buf + pos + self->e_old, get_u64(word0));
     BARRIER();
-    put_u64(buf + pos + 16, step);
+    put_u64(buf + pos + self->e_step, step);
     BARRIER();
-    put_u64(buf + offset, word | self->state_writing << 32);
+    put_u64(word0, word | self->state_writing << 32);
     BARRIER();
     if (pause_before(self, "checkpoint") < 0)
         goto done;
@@ -723,12 +724,12 @@ writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     /* journal.w64(offset, word | state_and_frac << 32): readable again */
     pos = self->log_start;
-    put_u64(buf + pos, (uint64_t)offset);
-    put_u64(buf + pos + 8, get_u64(buf + offset));
+    put_u64(buf + pos + self->e_word, (uint64_t)(offset + self->o_word0));
+    put_u64(buf + pos + self->e_old, get_u64(word0));
     BARRIER();
-    put_u64(buf + pos + 16, step);
+    put_u64(buf + pos + self->e_step, step);
     BARRIER();
-    put_u64(buf + offset, word | (uint64_t)state_frac << 32);
+    put_u64(word0, word | (uint64_t)state_frac << 32);
     BARRIER();
     /* an update is a reference: the CLOCK bit; and the group's set counter */
     Py_ssize_t bit = (offset - self->pages_off) / self->refbit_granule;
@@ -768,8 +769,10 @@ writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->journal_full = Py_NewRef(journal_full);
     struct { const char *name; Py_ssize_t *slot; } fields[] = {
         {"log_start", &self->log_start}, {"log_end", &self->log_end},
-        {"entry_bytes", &self->entry_bytes}, {"tx_active", &self->tx_active},
+        {"entry_bytes", &self->entry_bytes}, {"e_word", &self->e_word},
+        {"e_old", &self->e_old}, {"e_step", &self->e_step}, {"tx_active", &self->tx_active},
         {"tx_seq", &self->tx_seq}, {"item_header_bytes", &self->item_header_bytes},
+        {"o_word0", &self->o_word0},
         {"o_klen", &self->o_klen}, {"o_gid", &self->o_gid}, {"o_expiry", &self->o_expiry},
         {"groups_off", &self->groups_off}, {"group_record_bytes", &self->group_record_bytes},
         {"g_sets", &self->g_sets}, {"refbits_off", &self->refbits_off},
@@ -787,7 +790,8 @@ writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     Py_ssize_t state_writing = constant(constants, "state_writing");
     PyObject *mask = PyDict_GetItemString(constants, "keep_mask");
     if (state_writing < 0 || mask == NULL || self->refbit_granule == 0
-            || self->entry_bytes != 24) {
+            || self->e_word + 8 > self->entry_bytes || self->e_old + 8 > self->entry_bytes
+            || self->e_step + 8 > self->entry_bytes || self->o_word0 + 8 > self->item_header_bytes) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "Writer: bad constants");
         Py_DECREF(self);

@@ -31,11 +31,12 @@ import weakref
 from collections.abc import Iterable, Mapping
 
 from . import batch
-from .client import (DEFAULT_TIMEOUT, Client, batch_path, connect as _connect,
-                     create as _create, distinct_keys,
-                     fetch_answer, front_key, front_path, given_keys, many_answer, many_result,
-                     set_many_body, ttl_query, write_answer)
+from .client import DEFAULT_TIMEOUT, Client
 from .errors import ClientClosed, LoadError, NotFound, PeerUnavailable, SegmentNotFound
+from .front_client import (batch_path, distinct_keys, fetch_answer, front_key, front_path,
+                           given_keys, many_answer, many_result, set_many_body, ttl_query,
+                           write_answer)
+from .handles import connect as _connect, create as _create
 from .lru_index import encode_key
 from .store import Store, check_ttl, encode_value
 
@@ -347,7 +348,7 @@ class _LoopFront:
                                           f"connection: {exc}") from None
                 continue
             except ssl.SSLCertVerificationError as exc:
-                raise self.client._untrusted_front(exc) from None
+                raise self.client._front.untrusted(exc) from None
             except OSError as exc:
                 if connection is not None:
                     connection.close()
@@ -367,7 +368,7 @@ class _LoopFront:
         """(a kept-alive connection to the current front, True), else (a new one, False)."""
         generation = self.client._front_generation
         if generation != self.generation:    # the segment or its front moved
-            self.address = self.client._front_address()
+            self.address = self.client._front.address()
             self.generation = generation
             self.close_idle()
         while self.idle:
@@ -376,7 +377,7 @@ class _LoopFront:
                 return connection, True
             connection.close()
         front = self.address
-        tls = self.client._front_tls(front)
+        tls = self.client._front.tls(front)
         if tls is None:
             reader, writer = await asyncio.open_connection(front.host, front.port)
         else:
@@ -388,7 +389,7 @@ class _LoopFront:
         host, port = self.address.host, self.address.port
         lines = [f"{method} {path} HTTP/1.1", f"Host: [{host}]:{port}" if ":" in host
                  else f"Host: {host}:{port}"]
-        lines += [f"{name}: {value}" for name, value in self.client._headers.items()]
+        lines += [f"{name}: {value}" for name, value in self.client._front.headers.items()]
         if body or method in ("PUT", "POST"):
             lines.append(f"Content-Length: {len(body)}")
         if content_type:

@@ -1,44 +1,37 @@
-"""``connect()``: a co-located process's handle on a host's cache.
+"""``Client``: a co-located process's handle on a host's cache (made by ``connect()`` or
+``create()``, handles.py).
 
 Hits are read straight from shared memory. A miss goes to the host's HTTP front (the
 address its supervisor wrote into the segment), which loads it once for the whole host.
 A front that speaks TLS (the supervisor has --tls-cert) is reached over HTTPS, its
 certificate verified for the host name of the supervisor's --self URL, against the CA file
 of its --tls-ca (the system's CA store without one): both recorded in the segment, both
-overridable with ``connect(tls_ca=..., tls_server_name=...)``.
+overridable with ``connect(tls_ca=..., tls_server_name=...)``. How the front is reached and
+spoken to: front_client.py.
 Nothing heavy is imported here (no requests, no protobuf), so attaching stays cheap.
 """
 
 import contextlib
-import http.client
-import json
 import os
-import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from urllib.parse import quote
 
 from . import batch
-from .arena import _OFFSET_PEER_COUNT, retire
+from .arena import retire
 from .attachment import Attachment
-from .errors import (AuthError, ClientClosed, InvalidArgument, InvalidKey, LoadError,
-                     LoadTimeout, NotFound, PeerUnavailable, SegmentNotFound, UnknownGroup,
-                     ValueTooLarge)
+from .errors import (ClientClosed, InvalidArgument, InvalidKey, LoadError, NotFound,
+                     PeerUnavailable, SegmentNotFound, UnknownGroup)
+from .front_client import (BATCH_HEADERS, FrontConnection, batch_path, distinct_keys,
+                           fetch_answer, front_key, front_path, given_keys, many_answer,
+                           many_result, set_many_body, ttl_query, write_answer)
 from .group import Group
+from .layout import HEADER
 from .lru_index import encode_key
 from .metrics import MISSES, host_stats
 from .stale import Refreshes, refresh, stale_hit
 from .store import Store, check_ttl, encode_value
-from .tls import NamedHTTPSConnection, TlsFilesError, client_context, trust_of, verify_problem
 
 DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
-
-
-def segment_name(port=None, name=None):
-    """The segment of the supervisor on ``port`` (``kcache-<port>``), or ``name`` as given."""
-    if (port is None) == (name is None):
-        raise InvalidArgument("give exactly one of port= or name=")
-    return name if name is not None else f"kcache-{int(port)}"
 
 
 class Client:
@@ -57,10 +50,7 @@ class Client:
                  tls_server_name=None):
         self.owner = owner
         self.timeout = timeout
-        self._tls_ca, self._tls_server_name = tls_ca, tls_server_name
-        self._tls_contexts = {}          # CA file (None: the system's store) -> SSLContext
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._local = threading.local()  # per thread: (pid, front generation, HTTPConnection)
+        self._front = FrontConnection(self, token, tls_ca, tls_server_name)
         self._groups = {}                # name -> Group whose getter this process runs on a miss
         self._flights = None             # HostFlights of the current segment, made on first load
         self._flights_lock = threading.Lock()
@@ -246,7 +236,7 @@ class Client:
         given = given_keys(keys)
         failed = {}
         for chunk in batch.chunks(list(given)):
-            status, data = self._front_call("POST", batch_path(group, "get"),
+            status, data = self._front.call("POST", batch_path(group, "get"),
                                             batch.encode({"keys": chunk}), BATCH_HEADERS)
             many_answer(group, given, status, data, found, failed)
         return many_result(group, found, failed)
@@ -282,7 +272,7 @@ class Client:
 
     def _batch_request(self, group, op, body):
         """The JSON of the front's 200 answer to a batch write; the error of any other."""
-        status, data = self._front_call("POST", batch_path(group, op), batch.encode(body),
+        status, data = self._front.call("POST", batch_path(group, op), batch.encode(body),
                                         BATCH_HEADERS)
         return write_answer(f"{op} batch of {group!r}", status, data)
 
@@ -339,7 +329,7 @@ class Client:
 
     @staticmethod
     def _clustered(store):
-        return store.arena.get_u32(_OFFSET_PEER_COUNT) > 1
+        return store.arena.get_u32(HEADER.peer_count) > 1
 
     def _cluster_write(self, method, group, key, body=None, query=""):
         status, data = self._front_request(method, group, key, body, query)
@@ -356,7 +346,7 @@ class Client:
             return
         for name in [group] if group is not None else list(store.index.groups()):
             try:
-                status, data = self._front_call("DELETE", front_path(name))
+                status, data = self._front.call("DELETE", front_path(name))
                 write_answer(f"flush of {name!r}", status, data)
             except UnknownGroup:
                 self._write(store, Store.clear, name)
@@ -421,10 +411,7 @@ class Client:
         self.peek = self._peek_closed
         if self._attachment is not None:
             self._attachment.close(self._peek_closed)
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            connection[2].close()
-            self._local.connection = None
+        self._front.close()
 
     def unlink(self) -> None:
         """Remove the segment's name (owners only; mappings stay valid until closed). A segment
@@ -454,88 +441,14 @@ class Client:
         if self.owner:
             self.unlink()
 
-    # -- the front ---------------------------------------------------------------------------
-
-    def _connection(self):
-        cached = getattr(self._local, "connection", None)
-        generation = self._front_generation
-        if cached is not None and cached[:2] == (os.getpid(), generation):
-            return cached[2]
-        if cached is not None:
-            cached[2].close()                        # the front moved, or another process's
-        front = self._front_address()
-        tls = self._front_tls(front)
-        if tls is None:
-            connection = http.client.HTTPConnection(front.host, front.port, timeout=self.timeout)
-        else:
-            connection = NamedHTTPSConnection(front.host, front.port, server_name=tls[1],
-                                              context=tls[0], timeout=self.timeout)
-        self._local.connection = (os.getpid(), generation, connection)
-        return connection
-
-    def _front_address(self):
-        """The ``arena.Front`` to reach this host's front at; PeerUnavailable if it has none."""
-        store = self._attachment.current
-        front = store.arena.front() if store is not None else self._attachment.front
-        if front is None:
-            raise PeerUnavailable(f"segment {self.name!r} has no HTTP front to load misses")
-        if front.host in ("0.0.0.0", "::", ""):
-            front = front._replace(host="127.0.0.1")
-        return front
-
-    def _front_tls(self, front):
-        """(SSLContext, name to verify its certificate for) if ``front`` speaks TLS, else
-        None. PeerUnavailable if the CA file cannot be read."""
-        if not front.tls:
-            return None
-        ca = self._tls_ca or front.tls_ca or None
-        context = self._tls_contexts.get(ca)
-        if context is None:
-            try:
-                context = self._tls_contexts[ca] = client_context(ca)
-            except TlsFilesError as exc:
-                raise PeerUnavailable(f"cannot verify the front of {self.name!r}: {exc}") from None
-        return context, self._tls_server_name or front.tls_name or front.host
-
-    def _untrusted_front(self, exc):
-        """The PeerUnavailable for a front whose certificate did not verify."""
-        front = self._front_address()
-        return PeerUnavailable(
-            f"the front of {self.name!r} at {front.host}:{front.port} has a TLS certificate "
-            f"that does not verify for {self._front_tls(front)[1]!r} against "
-            f"{trust_of(self._tls_ca or front.tls_ca)}: {verify_problem(exc)} (see "
-            f"connect(tls_ca=..., tls_server_name=...))")
+    # -- the front (front_client.py) ---------------------------------------------------------
 
     def _fetch(self, group, key):
         return fetch_answer(*self._front_request("GET", group, key))
 
     def _front_request(self, method, group, key, body=None, query=""):
         """(status, body) of a request to this host's front for ``group``/``key``."""
-        return self._front_call(method, front_path(group, key) + query, body)
-
-    def _front_call(self, method, path, body=None, headers=None):
-        """(status, body) of a request to this host's front."""
-        headers = {**self._headers, **headers} if headers else self._headers
-        for attempt in (1, 2):                      # a kept-alive connection may have closed
-            connection = self._connection()
-            try:
-                connection.request(method, path, body=body, headers=headers)
-                response = connection.getresponse()
-                return response.status, response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                    ssl.SSLEOFError) as exc:
-                connection.close()
-                self._local.connection = None
-                if attempt == 2:
-                    raise PeerUnavailable(f"front of {self.name!r} closed the connection: {exc}") from None
-            except ssl.SSLCertVerificationError as exc:
-                connection.close()
-                self._local.connection = None
-                raise self._untrusted_front(exc) from None
-            except OSError as exc:
-                connection.close()
-                self._local.connection = None
-                raise PeerUnavailable(f"cannot reach the front of {self.name!r}: {exc}") from None
+        return self._front.call(method, front_path(group, key) + query, body)
 
 
 def _key_text(key):
@@ -543,192 +456,3 @@ def _key_text(key):
         return bytes(key).decode()
     except UnicodeDecodeError:
         raise InvalidKey("a key loaded by a getter must be UTF-8 text") from None
-
-
-# -- the front's /cache/ routes as a client speaks them (Client and asyncio.AsyncClient) -----
-
-def front_key(key):
-    """``key`` as the text the front's routes carry; InvalidKey if bytes that are not UTF-8."""
-    if isinstance(key, (bytes, bytearray)):
-        try:
-            return bytes(key).decode()
-        except UnicodeDecodeError:
-            raise InvalidKey("a key sent to the front must be UTF-8 text") from None
-    return key
-
-
-def front_path(group, key=None):
-    """``/cache/<group>/<key>`` (``/cache/<group>`` without a key), percent-escaped."""
-    if key is None:
-        return f"/cache/{quote(group, safe='')}"
-    return f"/cache/{quote(group, safe='')}/{quote(front_key(key), safe='')}"
-
-
-def ttl_query(ttl):
-    """The ``?ttl=SECONDS`` query of a write, or "" for the group's default TTL."""
-    return f"?ttl={check_ttl(ttl)!r}" if ttl is not None else ""
-
-
-def front_error(status, data, what, not_found=NotFound):
-    """The exception for the front's non-200 answer ``status`` with body ``data`` to
-    ``what`` ("GET group/key"): the one mapping of the front's statuses to errors."""
-    reason = data.decode(errors="replace").strip()
-    if status == 404:
-        return not_found(reason)
-    if status in (401, 403):
-        return AuthError(f"the front refused {what}: a token is wanted (connect(token=...) "
-                         f"or $SHMCACHE_TOKEN): {reason}")
-    if status in (502, 503):
-        return PeerUnavailable(f"{what}: {reason}")
-    if status == 504:
-        return LoadTimeout(reason)
-    if status == 413:
-        return ValueTooLarge(reason)
-    if status == 400:
-        return InvalidArgument(f"the front refused {what}: {reason}")
-    return LoadError(f"{status}: {reason}")
-
-
-def fetch_answer(status, body, what="GET"):
-    """The value a front's answer to ``GET /cache/<group>/<key>`` carries, else its error."""
-    if status == 200:
-        return body
-    raise front_error(status, body, what)
-
-
-def write_answer(what, status, data):
-    """The JSON a front's answer to the write ``what`` ("PUT group/key") carries, else its
-    error: PeerUnavailable if it reached only part of the cluster."""
-    if status == 200:
-        return json.loads(data)
-    if status == 502:
-        reason = data.decode(errors="replace").strip()
-        raise PeerUnavailable(f"{what} reached only part of the cluster: {reason}")
-    raise front_error(status, data, what, not_found=UnknownGroup)
-
-
-# -- batches (the route: batch.py) --------------------------------------------------------
-
-BATCH_HEADERS = {"Content-Type": "application/json"}
-
-
-def batch_path(group, op):
-    return f"{front_path(group)}?op={op}"
-
-
-def given_keys(keys):
-    """{key as text: [the keys given for it]}, for mapping a batch answer back."""
-    given = {}
-    for key in keys:
-        given.setdefault(front_key(key), []).append(key)
-    return given
-
-
-def set_many_body(items, ttl):
-    """The body of a set batch of (key, value) ``items``."""
-    body = {"items": {front_key(key): batch.b64(encode_value(value)) for key, value in items}}
-    if ttl is not None:
-        body["ttl"] = check_ttl(ttl)
-    return body
-
-
-def many_answer(group, given, status, data, found, failed):
-    """Read a front's answer to a get batch of the keys ``given`` (see given_keys): add
-    the values to ``found`` and the keys that failed to ``failed`` ({key: exception}),
-    both keyed by the keys as given; raise the answer's own error if it is one."""
-    if status != 200:
-        raise front_error(status, data, f"get batch of {group!r}", not_found=UnknownGroup)
-    try:
-        values, errors = batch.decode_get_answer(data)
-    except ValueError as exc:
-        raise LoadError(f"the front's answer to get_many of {group!r}: {exc}") from None
-    for text, value in values.items():
-        for key in given.get(text, ()):
-            found[key] = value
-    for text, (status, reason) in errors.items():
-        for key in given.get(text, ()):
-            failed[key] = front_error(status, reason.encode(), f"GET {group}/{text}")
-
-
-def many_result(group, found, failed):
-    """``found``, unless some keys failed: then raise the error (of the one type they share
-    if LoadTimeout or PeerUnavailable, else LoadError) naming them, carrying both as
-    ``values`` and ``failed``."""
-    if not failed:
-        return found
-    kinds = {type(exc) for exc in failed.values()}
-    kind = kinds.pop() if len(kinds) == 1 else LoadError
-    if kind not in (LoadTimeout, PeerUnavailable):
-        kind = LoadError
-    shown = list(failed.items())[:5]
-    more = f"; and {len(failed) - len(shown)} more" if len(failed) > len(shown) else ""
-    error = kind(f"{len(failed)} of the keys of {group!r} failed to load: "
-                 + "; ".join(f"{key!r}: {exc}" for key, exc in shown) + more)
-    error.values, error.failed = found, failed
-    raise error
-
-
-def distinct_keys(keys):
-    """The keys of an iterable, each once, in order; InvalidArgument for one str or bytes
-    (whose characters would be taken for keys)."""
-    if isinstance(keys, (str, bytes, bytearray)):
-        raise InvalidArgument(f"keys must be an iterable of keys, not one {type(keys).__name__}")
-    return list(dict.fromkeys(keys))
-
-
-def connect(port: int | None = None, *, name: str | None = None,
-            timeout: float = DEFAULT_TIMEOUT, token: str | None = None,
-            tls_ca: str | None = None, tls_server_name: str | None = None) -> Client:
-    """Attach to the segment of the supervisor on ``port`` (``kcache-<port>``), or to the
-    segment ``name``. Hits are read from shared memory; misses go to the host's front, which
-    loads them once for the host. ``timeout``: seconds to wait for the front's answer.
-    ``token`` (default $SHMCACHE_TOKEN) is sent to the front when it has one.
-    A front with TLS is reached over HTTPS and its certificate verified for
-    ``tls_server_name`` (default: the host name of the supervisor's --self URL) against
-    the PEM CA bundle ``tls_ca`` (default: the supervisor's --tls-ca, else the system's
-    CA store); both are ignored for a plain HTTP front.
-    SegmentNotFound if there is no such segment, SegmentIncompatible if it is not one this
-    version reads."""
-    store = Store.attach(segment_name(port, name))
-    store.start_counting()
-    return Client(store, timeout=timeout, token=token or os.environ.get("SHMCACHE_TOKEN"),
-                  tls_ca=tls_ca, tls_server_name=tls_server_name)
-
-
-def create(name: str, memory: int | str = "64MiB", *,
-           groups: "Iterable[Group] | Mapping[str, int | str] | None" = None,
-           max_item_size: int | str = "1MiB", max_groups: int = 64) -> Client:
-    """Create a segment without a supervisor (embedding, tests); the caller owns it.
-
-    ``groups``: the groups to define before the segment appears under ``name``, as
-    ``Group`` objects or as ``{name: byte budget}``. A ``Group`` with a getter is loaded by
-    this client on a miss, once for every process of the host (the arena's in-flight
-    table), as a supervisor's workers do; without a getter a miss is NotFound. More groups
-    can be added later with ``Client.define_group``.
-
-    ``with create(...) as cache:`` closes and removes the segment at the end; otherwise call
-    ``close()`` and ``unlink()``. InvalidArgument (a ValueError) for a malformed or too
-    small ``memory`` or ``max_item_size``; SegmentInUse if ``name`` exists;
-    SegmentCreateError if /dev/shm cannot hold it."""
-    if groups is None:
-        wanted = []
-    elif isinstance(groups, Mapping):
-        wanted = [Group(group, budget) for group, budget in groups.items()]
-    else:
-        wanted = list(groups)
-        for group in wanted:
-            if not isinstance(group, Group):
-                raise InvalidArgument(f"groups must be shmcache.Group objects or a mapping of "
-                                      f"name to byte budget, not {type(group).__name__}")
-    names = [group.name for group in wanted]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise InvalidArgument(f"groups named twice: {twice}")
-
-    def define(store):
-        for group in wanted:
-            store.define_group(group.name, group.cache_bytes, group.ttl, group.stale)
-    client = Client(Store.create(name, memory, max_item_size, max_groups, before_publish=define),
-                    owner=True)
-    client._groups.update((group.name, group) for group in wanted)
-    return client

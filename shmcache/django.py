@@ -58,12 +58,13 @@ from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 from django.core.exceptions import ImproperlyConfigured
 
-from .arena import (_OFFSET_OWNER_PID, MAGIC, MAX_KEY_BYTES, WRITE_LOCK_BYTE, Arena, Layout,
-                    segment_path)
-from .client import Client, connect, create
+from .arena import MAGIC, MAX_KEY_BYTES, WRITE_LOCK_BYTE, Arena, Layout, segment_path
+from .client import Client
 from .errors import (ClientClosed, InvalidArgument, NotAnInteger, NotFound, SegmentIncompatible,
                      SegmentInUse, SegmentNotFound, UnknownGroup, ValueTooLarge)
 from .group import Group
+from .handles import connect, create
+from .layout import HEADER
 from .locks import LockFile
 from .store import decimal_value
 from .units import parse_size
@@ -193,7 +194,7 @@ class _Embedded:
 
     def _adopt(self, client):
         store = client._live_store()
-        if store.arena.get_u32(_OFFSET_OWNER_PID):
+        if store.arena.get_u32(HEADER.owner_pid):
             raise ImproperlyConfigured(
                 f"segment {self.name!r} belongs to a shmcache supervisor: to use it, set "
                 f"LOCATION to 'segment:{self.name}' (host mode)")
@@ -220,8 +221,8 @@ class _Embedded:
         except PermissionError:
             raise ImproperlyConfigured(f"cache segment {self.name!r}: {reason}") from None
         try:
-            head = os.pread(lock_file.fd, 8, 0)
-            if len(head) < 8 or int.from_bytes(head, "little") != MAGIC:
+            head = os.pread(lock_file.fd, HEADER.end("magic"), HEADER.magic)
+            if len(head) < HEADER.end("magic") or int.from_bytes(head, "little") != MAGIC:
                 # Not even a half-made shmcache segment: those are published with their
                 # magic number already written (arena.Arena.publish).
                 raise ImproperlyConfigured(

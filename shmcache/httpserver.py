@@ -1,5 +1,6 @@
 """A small HTTP/1.1 server for one worker process: an epoll loop, keep-alive, limits, and
-handlers that answer at once or hand back a Future.
+handlers that answer at once or hand back a Future. The messages themselves (parsing a
+request, rendering a response) are http_messages.py's.
 
 Why not ``http.server``: it costs a thread and several writes per request (see DESIGN.md's
 TCP_NODELAY note) and has no limits for slow or hostile clients. Here a cache hit is parsed,
@@ -14,6 +15,7 @@ the client gets a plain 500 and the traceback goes to the log only.
 Other parts of the worker may use the loop too, from the loop's own thread: ``watch`` a
 descriptor (a callback per epoll event), ``call_later`` a function (a timer), and a Future
 completed on the loop is answered without waking it (peer_fetch.py fetches from owners so).
+Those parts of the loop, which are not HTTP, are epoll_loop.py's.
 
 Every worker process listens on the same inherited socket; EPOLLEXCLUSIVE wakes one of them
 per new connection.
@@ -27,8 +29,6 @@ saying so, then the connection is closed.
 
 import collections
 import errno
-import heapq
-import itertools
 import logging
 import os
 import select
@@ -36,90 +36,16 @@ import socket
 import ssl
 import threading
 import time
-from email.utils import formatdate
 
+from .epoll_loop import EpollLoop
+from .http_messages import CONTINUE, BadRequest, Limits, error, parse_request
+from .http_messages import render  # noqa: F401 (its old home, where the front imports it)
 from .tls import NotTls, ServerSession
 
 log = logging.getLogger("shmcache.http")
 
-REASONS = {
-    100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
-    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
-    414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-    504: "Gateway Timeout", 505: "HTTP Version Not Supported",
-}
-_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER = 2.0                       # seconds to discard a refused client's input before closing
 _READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
-
-
-class Limits:
-    """What one request and one connection may use. Defaults suit a cache front."""
-    max_request_line = 8192          # bytes, else 414
-    max_header_bytes = 16384         # bytes of the whole header block, else 431
-    max_headers = 100                # header fields, else 431
-    max_body = 1 << 20               # bytes, else 413 (set to the max item size)
-    max_post_body = None             # bytes of a POST body (batches), if not max_body
-    header_timeout = 10.0            # seconds from a request's first byte to its last header
-    body_timeout = 30.0              # seconds to receive a declared body
-    idle_timeout = 75.0              # seconds a keep-alive connection may sit idle
-    max_connections = 4096           # per worker; more are closed at once
-
-    def __init__(self, **overrides):
-        for name, value in overrides.items():
-            if not hasattr(Limits, name):
-                raise TypeError(f"unknown limit {name!r}")
-            setattr(self, name, value)
-
-
-class Request:
-    """One parsed request. ``target`` is the raw request-target (percent-encoded)."""
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
-                 "keep_alive", "peer")
-
-    def __init__(self, method, target, version, headers, body, keep_alive, peer):
-        self.method, self.target, self.version = method, target, version
-        self.headers, self.body, self.keep_alive, self.peer = headers, body, keep_alive, peer
-        path, _, self.query = target.partition("?")
-        self.path = path
-
-
-_date_cache = [0, b""]
-
-
-def _date_header():
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True).encode()
-    return _date_cache[1]
-
-
-def render(status, body=b"", content_type=b"text/plain; charset=utf-8", headers=(), head=False,
-           close=False):
-    """A whole HTTP/1.1 response as bytes. ``body`` may be str (sent as UTF-8)."""
-    if isinstance(body, str):
-        body = body.encode()
-    lines = [b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %d\r\n"
-             % (status, REASONS.get(status, "Unknown").encode(), _date_header(), len(body))]
-    if status not in (204, 304):           # an empty value is still of its type
-        lines.append(b"Content-Type: %s\r\n" % content_type)
-    for name, value in headers:
-        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-    if close:
-        lines.append(b"Connection: close\r\n")
-    lines.append(b"\r\n")
-    if not head:
-        lines.append(body)
-    return b"".join(lines)
-
-
-def error(status, reason, **kwargs):
-    """A short text error response: the reason on one line."""
-    return render(status, reason.rstrip("\n") + "\n", **kwargs)
 
 
 class _Connection:
@@ -140,24 +66,7 @@ class _Connection:
         self.tls = None            # its tls.ServerSession on a TLS front
 
 
-class Timer:
-    """A ``call_later`` that has not run yet; ``cancel()`` keeps it from running."""
-    __slots__ = ("function",)
-
-    def __init__(self, function):
-        self.function = function
-
-    def cancel(self):
-        self.function = None
-
-
-class _BadRequest(Exception):
-    def __init__(self, status, reason):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
-
-
-class HttpServer:
+class HttpServer(EpollLoop):
     """Serves ``handle`` on ``listener`` until ``stop()``; then drains and returns."""
 
     def __init__(self, listener, handle, limits=None, tls=None):
@@ -169,58 +78,8 @@ class HttpServer:
         self.connections = {}                # fd -> _Connection
         self.completed = collections.deque()  # (connection, response bytes) from other threads
         self.stopping = False
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._epoll = select.epoll()
         self._listening = False
-        self._watched = {}                   # fd -> callback(events), see ``watch``
-        self._timers = []                    # heap of (when, sequence, Timer)
-        self._compact_at = 4096              # heap size that makes call_later drop cancelled
-        self._sequence = itertools.count()
-        self._loop_thread = None             # ident of the thread running ``serve``
-
-    # -- the loop for others (its own thread only) ---------------------------------------------
-
-    def in_loop(self):
-        """True on the thread running the loop."""
-        return threading.get_ident() == self._loop_thread
-
-    def watch(self, fd, events, callback):
-        """Call ``callback(events)`` on the loop when ``fd`` has any of ``events``."""
-        self._watched[fd] = callback
-        self._epoll.register(fd, events)
-
-    def rewatch(self, fd, events):
-        """Change the events ``fd`` is watched for."""
-        self._epoll.modify(fd, events)
-
-    def unwatch(self, fd):
-        """Stop watching ``fd`` (before closing it)."""
-        if self._watched.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
-
-    def call_later(self, delay, function):
-        """Run ``function()`` on the loop in ``delay`` seconds; a Timer to cancel it."""
-        timer = Timer(function)
-        timers = self._timers
-        if len(timers) >= self._compact_at:     # most are cancelled deadlines: drop them
-            timers[:] = [entry for entry in timers if entry[2].function is not None]
-            heapq.heapify(timers)
-            self._compact_at = max(4096, 2 * len(timers))
-        heapq.heappush(timers, (time.monotonic() + delay, next(self._sequence), timer))
-        return timer
-
-    def _run_timers(self, now):
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            function = heapq.heappop(timers)[2].function
-            if function is not None:
-                try:
-                    function()
-                except Exception:
-                    log.exception("timer failed")
+        super().__init__()                   # the epoll object, its wake fd, timers
 
     # -- control ----------------------------------------------------------------------------
 
@@ -229,12 +88,6 @@ class HttpServer:
         Safe from a signal handler or another thread."""
         self.stopping = True
         self._wake()
-
-    def _wake(self):
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except BlockingIOError:          # counter full: the loop is awake anyway
-            pass
 
     def serve(self, tick=None, tick_interval=1.0):
         """Run the loop. ``tick()`` runs about every ``tick_interval`` seconds."""
@@ -416,14 +269,18 @@ class HttpServer:
 
     def _process(self, connection):
         """Answer every complete request in the buffer, in order, until one needs a Future."""
+        limits = self.limits
         while connection.inbuf and not connection.busy and not connection.closing:
             try:
-                request = self._parse(connection)
-            except _BadRequest as bad:
+                request = parse_request(connection, limits)
+            except BadRequest as bad:
                 self._send(connection, error(bad.status, bad.reason, close=True), close=True)
                 return
-            if request is None:
-                return                          # incomplete: wait for more bytes
+            if not request:                     # incomplete: wait for more bytes
+                if request is False:            # after telling the client to send its body
+                    self._output(connection, CONTINUE)
+                    self._flush(connection)
+                return
             connection.started = time.monotonic() if connection.inbuf else None
             connection.continued = False
             try:
@@ -538,86 +395,3 @@ class HttpServer:
                 self._close(connection)
             elif connection.outbuf and now - connection.last_active > limits.body_timeout:
                 self._close(connection)          # the client stopped reading
-
-    # -- parsing ----------------------------------------------------------------------------
-
-    def _parse(self, connection):
-        """The next whole request in ``connection.inbuf`` (consumed), or None if incomplete."""
-        buf = connection.inbuf
-        limits = self.limits
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            body_start = end + 4
-        else:
-            end = buf.find(b"\n\n")
-            body_start = end + 2
-        if end < 0:
-            line_end = buf.find(b"\n")
-            if line_end < 0 and len(buf) > limits.max_request_line:
-                raise _BadRequest(414, "request line too long")
-            if len(buf) > limits.max_header_bytes:
-                raise _BadRequest(431, "request headers too large")
-            return None
-        if end > limits.max_header_bytes:
-            raise _BadRequest(431, "request headers too large")
-        lines = bytes(buf[:end]).split(b"\n")
-        request_line = lines[0].rstrip(b"\r")
-        if len(request_line) > limits.max_request_line:
-            raise _BadRequest(414, "request line too long")
-        parts = request_line.split(b" ")
-        if len(parts) != 3 or not parts[0] or not _METHOD_CHARS.issuperset(parts[0]):
-            raise _BadRequest(400, "malformed request line")
-        method, target, version = parts
-        if version not in (b"HTTP/1.1", b"HTTP/1.0"):       # 400, not 505: bad input never
-            raise _BadRequest(400, "only HTTP/1.0 and HTTP/1.1 are served")   # gets a 5xx
-        if len(lines) - 1 > limits.max_headers:
-            raise _BadRequest(431, "too many header fields")
-        headers = {}
-        for line in lines[1:]:
-            line = line.rstrip(b"\r")
-            name, colon, value = line.partition(b":")
-            if not colon or not name or name != name.strip() or b" " in name:
-                raise _BadRequest(400, "malformed header field")
-            name = name.lower().decode("latin-1")
-            value = value.strip().decode("latin-1")
-            if name in headers:
-                if name in ("content-length", "host", "authorization", "transfer-encoding"):
-                    if headers[name] != value:
-                        raise _BadRequest(400, f"conflicting {name} headers")
-                    continue
-                value = headers[name] + ", " + value
-            headers[name] = value
-        if "transfer-encoding" in headers:
-            raise _BadRequest(411, "chunked transfer encoding is not supported: send Content-Length")
-        length_text = headers.get("content-length")
-        length = 0
-        if length_text is not None:
-            if not length_text.isdigit() or len(length_text) > 12:
-                raise _BadRequest(400, "bad Content-Length")
-            length = int(length_text)
-            limit = limits.max_post_body if method == b"POST" and limits.max_post_body \
-                else limits.max_body
-            if length > limit:
-                raise _BadRequest(413, f"body of {length} bytes exceeds the limit of "
-                                       f"{limit} bytes")
-        if len(buf) - body_start < length:
-            if not connection.continued and headers.get("expect", "").lower() == "100-continue":
-                connection.continued = True
-                self._output(connection, _CONTINUE)
-                self._flush(connection)
-            return None
-        body = bytes(buf[body_start:body_start + length])
-        del buf[:body_start + length]
-        connection_header = headers.get("connection", "").lower()
-        if version == b"HTTP/1.1":
-            keep_alive = "close" not in connection_header
-        else:
-            keep_alive = "keep-alive" in connection_header
-        target = target.decode("latin-1")
-        if target.startswith(("http://", "https://")):      # absolute-form
-            slash = target.find("/", target.find("//") + 2)
-            target = target[slash:] if slash >= 0 else "/"
-        if not target.startswith("/"):
-            raise _BadRequest(400, "request target must be a path")
-        return Request(method.decode(), target, version.decode(), headers, body, keep_alive,
-                       connection.peer)

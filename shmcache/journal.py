@@ -12,13 +12,8 @@ or an undo would bring back the old item over the new one's bytes.
 
 Only the holder of the write lock uses the journal, so it needs no lock of its own.
 
-Layout: the header word ``_OFFSET_TX_ACTIVE`` holds the id of the step in progress (0 = none);
-``_OFFSET_TX_SEQ`` the last id handed out. The log region holds LOG_ENTRIES entries::
-
-    offset  type  field
-    0       u64   offset of the 8-byte word written (aligned down)
-    8       u64   the word's contents before the write
-    16      u64   step id; an entry counts only if this equals the active step id
+The words it keeps in the header (HEADER.tx_active, the step in progress; HEADER.tx_seq,
+the last id handed out) and its log entries (LOG_ENTRY) are declared in layout.py.
 
 Entries are written with native struct formats, one aligned 8-byte store per field, step id
 last: a writer killed mid-entry leaves an entry whose id is stale, which ends the log. Ids
@@ -27,12 +22,15 @@ never repeat, so entries of older steps never count.
 
 import struct
 
-from .arena import (LOG_ENTRIES, LOG_ENTRY_BYTES, _OFFSET_TX_ACTIVE,
-                    _OFFSET_TX_SEQ)
+from .layout import HEADER, LOG_ENTRIES, LOG_ENTRY, LOG_ENTRY_BYTES
 
-_ENTRY = struct.Struct("QQQ")
-_ENTRY2 = struct.Struct("QQQQQQ")
-_U64X2 = struct.Struct("QQ")
+_ENTRY = LOG_ENTRY.struct("word", "step")
+_ENTRY2 = struct.Struct(_ENTRY.format * 2)       # two entries, one after the other
+_U64X2 = struct.Struct("QQ")                     # two adjacent words of anywhere
+_TX_ACTIVE, _TX_SEQ = HEADER.tx_active, HEADER.tx_seq
+_FIRST_WORD = HEADER.end("tx_seq")     # undo never restores a word below: not structures
+if not (_ENTRY.size == _ENTRY2.size // 2 == LOG_ENTRY_BYTES):
+    raise AssertionError("journal: entry format out of step with layout.py")
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
 
@@ -54,29 +52,29 @@ class Journal:
     def begin(self):
         """Start a step. The previous one must have been committed or undone."""
         buf = self.buf
-        step = _U64.unpack_from(buf, _OFFSET_TX_SEQ)[0] + 1
-        _U64.pack_into(buf, _OFFSET_TX_SEQ, step)
+        step = _U64.unpack_from(buf, _TX_SEQ)[0] + 1
+        _U64.pack_into(buf, _TX_SEQ, step)
         self.pos = self.start
         self.step = step
-        _U64.pack_into(buf, _OFFSET_TX_ACTIVE, step)
+        _U64.pack_into(buf, _TX_ACTIVE, step)
 
     def commit(self):
         """End the step: its writes stand. One aligned store, so a kill leaves it done or not."""
-        _U64.pack_into(self.buf, _OFFSET_TX_ACTIVE, 0)
+        _U64.pack_into(self.buf, _TX_ACTIVE, 0)
         self.step = 0
 
     def checkpoint(self):
         """Commit and begin again: bounds the log during long operations (evicting a page).
 
-        One aligned store commits this step and opens the next: ``_OFFSET_TX_ACTIVE`` goes
+        One aligned store commits this step and opens the next: ``HEADER.tx_active`` goes
         from this step's id straight to a new one that no log entry carries yet, so a kill on
-        either side of it leaves this step's writes standing. ``_OFFSET_TX_SEQ`` follows; a
+        either side of it leaves this step's writes standing. ``HEADER.tx_seq`` follows; a
         kill between the two stores leaves the new id active with no entries (nothing to
         undo) and not yet handed out, so the next step may take it again."""
         buf = self.buf
-        step = _U64.unpack_from(buf, _OFFSET_TX_SEQ)[0] + 1
-        _U64.pack_into(buf, _OFFSET_TX_ACTIVE, step)
-        _U64.pack_into(buf, _OFFSET_TX_SEQ, step)
+        step = _U64.unpack_from(buf, _TX_SEQ)[0] + 1
+        _U64.pack_into(buf, _TX_ACTIVE, step)
+        _U64.pack_into(buf, _TX_SEQ, step)
         self.pos = self.start
         self.step = step
 
@@ -109,7 +107,7 @@ class Journal:
         buf = self.buf
         old_first, old_second = _U64X2.unpack_from(buf, offset)
         step = self.step
-        _ENTRY2.pack_into(buf, pos, offset, old_first, step, offset + 8, old_second, step)
+        _ENTRY2.pack_into(buf, pos, offset, old_first, step, offset + _U64.size, old_second, step)
         self.pos = pos + 2 * LOG_ENTRY_BYTES
         _U64X2.pack_into(buf, offset, first, second)
 
@@ -124,7 +122,7 @@ def undo(buf, log_off):
     Works from shared memory alone, so any process can repair another's step. Entries that
     point outside the tables (impossible unless memory was scribbled on) are skipped.
     """
-    step = _U64.unpack_from(buf, _OFFSET_TX_ACTIVE)[0]
+    step = _U64.unpack_from(buf, _TX_ACTIVE)[0]
     if not step:
         return 0
     entries = []
@@ -134,7 +132,7 @@ def undo(buf, log_off):
             break
         entries.append((word, old))
     for word, old in reversed(entries):
-        if _OFFSET_TX_SEQ + 8 <= word <= len(buf) - 8 and not word & 7:
+        if _FIRST_WORD <= word <= len(buf) - 8 and not word & 7:
             _U64.pack_into(buf, word, old)
-    _U64.pack_into(buf, _OFFSET_TX_ACTIVE, 0)
+    _U64.pack_into(buf, _TX_ACTIVE, 0)
     return len(entries)

@@ -20,67 +20,46 @@ hand at the oldest; new items go just behind the hand. To evict, the hand looks 
 read since the hand last passed it -> clear the bit and move on; else evict it. The test
 suite checks that the hit ratio stays within one point of exact LRU on a Zipf trace.
 
-Item, in a slab chunk (ITEM_HEADER_BYTES = 24)::
-
-    0   u32  hash chain: next item ref            \\
-    4   u8   state (slabs: LIVE, HOT, NEGATIVE,   |
-                   or WRITING)                     |  word 0: one journaled u64 when a
-    5   u8   key length                            |  chunk changes hands
-    6   u8   group id                              |
-    7   u8   expiry, fraction of a second in 1/256 /
-    8   u32  expiry, Unix seconds (0 = never)
-    12  u32  value length
-    16  u32  ring: previous item ref (older side)
-    20  u32  ring: next item ref (newer side)
-    24  key bytes, then value bytes
-
-A *ref* is a chunk offset // 8 (0 = none): u32 refs reach 32 GiB.
-
-Group record (GROUP_RECORD_BYTES, at ``groups_off + 256 * group id``)::
-
-    0    64s  name (UTF-8, NUL-padded)
-    64   u64  budget: cache bytes (key + value bytes, as groupcache counts)
-    72   f64  default TTL in seconds (0 = none)
-    80   u64  bytes held (J)
-    88   u64  items held (J)
-    96   u32  CLOCK hand: ref of the oldest item (J); 0 = empty
-    100  u32  defined (1) (J)
-    104  u64  evictions         112  u64  expirations
-    120  u64  sets              128  u64  deletes      (statistics: not journaled)
-    136  f64  stale window in seconds (0 = none): how long past its expiry an item may
-              still be served stale while it is reloaded (J)
-    144  u64  generation (J): bumped by every clear of the group (see ``clear``)
-
-Buckets: u32 item refs, heads of the hash chains. Stripes: u32 seqlock counters.
+The item header (ITEM, at the start of its slab chunk, then key bytes, then value bytes),
+the group record (GROUP, by group id; its stale window and generation words included) and
+the bucket and stripe arrays are declared in layout.py. An item *ref* is its chunk's
+offset // 8 (0 = none).
 """
 
 import struct
 
 import xxhash
 
-from .arena import (_OFFSET_GROUP_LIMIT, _OFFSET_TX_ACTIVE, _OFFSET_TX_SEQ, GROUP_RECORD_BYTES,
-                    ITEM_HEADER_BYTES, LOG_ENTRY_BYTES, REFBIT_GRANULE)
-from .errors import CorruptSegment, InvalidArgument, ValueTooLarge
+from .errors import InvalidArgument, ValueTooLarge
+from .index_audit import audit, group_figures, groups_by_share
+from .layout import (BUCKET_BYTES, GROUP, GROUP_RECORD_BYTES, HEADER, ITEM, ITEM_HEADER_BYTES,
+                     ITEM_WORD0, LOG_ENTRY, REFBIT_GRANULE, STRIPE_BYTES)
 from .validate import check_value_size, encode_key  # noqa: F401 (encode_key: its old home)
 from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, STATE_WRITING
 
-_HEAD = struct.Struct("IBBBBII")     # chain, state, key len, group, expiry frac, expiry s, value len
-_TAIL = struct.Struct("IIII")        # expiry s, value len, ring prev, ring next (offset 8)
-_RING = struct.Struct("II")          # ring prev, ring next (offset 16)
-_GROUP = struct.Struct("64sQdQQII")  # name .. defined
-_GROUP_TAIL = struct.Struct("QdQQII")  # budget .. defined (offset 64)
-_GROUP_STATS = struct.Struct("QQQQ")  # evictions, expirations, sets, deletes (offset 104)
-_COUNTS = struct.Struct("QQ")        # bytes, items (offset 80)
+_HEAD = ITEM.struct("chain", "vlen")   # chain, state, key len, group, frac, expiry s, value len
+_TAIL = ITEM.struct("seconds", "next")  # expiry s, value len, ring prev, ring next
+_RING = ITEM.struct("prev", "next")
+_GROUP = GROUP.struct("name", "defined")
+_COUNTS = GROUP.struct("bytes", "items")
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
 _F64 = struct.Struct("d")
-if not (_HEAD.size + 8 == ITEM_HEADER_BYTES and _GROUP.size <= 104 and REFBIT_GRANULE == 32):
-    raise AssertionError("lru_index: item header or group record out of step with arena.py")
 
-_G_BUDGET, _G_TTL, _G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = 64, 72, 80, 88, 96, 100
-_G_EVICTIONS, _G_EXPIRATIONS, _G_SETS, _G_DELETES = 104, 112, 120, 128
-_G_STALE, _G_GENERATION = 136, 144
-_I_KLEN, _I_GID, _I_EXPIRY, _I_PREV, _I_NEXT = 5, 6, 8, 16, 20
+# Field offsets (layout.py), as names of this module.
+_G_NAME, _G_BUDGET, _G_TTL = GROUP.name, GROUP.budget, GROUP.ttl
+_G_BYTES, _G_ITEMS, _G_HAND, _G_DEFINED = GROUP.bytes, GROUP.items, GROUP.hand, GROUP.defined
+_G_EVICTIONS, _G_EXPIRATIONS = GROUP.evictions, GROUP.expirations
+_G_SETS, _G_DELETES = GROUP.sets, GROUP.deletes
+_G_STALE, _G_GENERATION = GROUP.stale, GROUP.generation
+_I_CHAIN, _I_STATE, _I_KLEN, _I_GID = ITEM.chain, ITEM.state, ITEM.klen, ITEM.gid
+_I_FRAC, _I_EXPIRY, _I_VLEN = ITEM.frac, ITEM.seconds, ITEM.vlen
+_I_PREV, _I_NEXT = ITEM.prev, ITEM.next
+_GROUP_LIMIT = HEADER.group_limit
+# Word 0 of an item (chain .. frac) is written as one u64: chain | state << 32 | klen << 40 ...
+if [ITEM.state, ITEM.klen, ITEM.gid, ITEM.frac, ITEM.end("frac")] != [4, 5, 6, 7, 8] \
+        or ITEM_WORD0 != ITEM.chain:
+    raise AssertionError("lru_index: item word 0 is not chain, state, key len, group, frac")
 _KEEP_LINK_KEY_GROUP = ~(0xFF << 32 | 0xFF << 56)   # word 0 without state and expiry fraction
 
 MAX_SECOND_CHANCES = 4096   # hand steps past referenced items per eviction (bounds a set's work)
@@ -130,10 +109,11 @@ class Index:
         as ``_rewrite``, in the same order, in C. Constants come from here."""
         journal = self.journal
         writer = writer_type(self.buf, {
-            "log_start": journal.start, "log_end": journal.end, "entry_bytes": LOG_ENTRY_BYTES,
-            "tx_active": _OFFSET_TX_ACTIVE, "tx_seq": _OFFSET_TX_SEQ,
-            "item_header_bytes": ITEM_HEADER_BYTES, "o_klen": _I_KLEN, "o_gid": _I_GID,
-            "o_expiry": _I_EXPIRY, "groups_off": self.groups_off,
+            "log_start": journal.start, "log_end": journal.end, "entry_bytes": LOG_ENTRY.nbytes,
+            "e_word": LOG_ENTRY.word, "e_old": LOG_ENTRY.old, "e_step": LOG_ENTRY.step,
+            "tx_active": HEADER.tx_active, "tx_seq": HEADER.tx_seq,
+            "item_header_bytes": ITEM_HEADER_BYTES, "o_word0": ITEM_WORD0, "o_klen": _I_KLEN,
+            "o_gid": _I_GID, "o_expiry": _I_EXPIRY, "groups_off": self.groups_off,
             "group_record_bytes": GROUP_RECORD_BYTES, "g_sets": _G_SETS,
             "refbits_off": self.refbits_off, "pages_off": self.pages_off,
             "refbit_granule": REFBIT_GRANULE, "state_writing": STATE_WRITING,
@@ -148,11 +128,12 @@ class Index:
         """The reader's lookup for the write-lock holder: no seqlock, no walk limit. A
         remembered not-found (STATE_NEGATIVE) answers ``negative`` (None: absent).
         ``stale``: an item past its expiry but within its group's stale window is found too."""
-        _link, offset = self._find(self.buckets_off + self._bucket(gid, key) * 4, gid, key)
+        _link, offset = self._find(self.buckets_off + self._bucket(gid, key) * BUCKET_BYTES,
+                                   gid, key)
         gone = self._dead if stale else self._expired
-        if not offset or gone(offset, now) or not self.buf[offset + 4] & 1:
+        if not offset or gone(offset, now) or not self.buf[offset + _I_STATE] & 1:
             return None
-        _ref, _s, klen, _g, frac, seconds, vlen = _HEAD.unpack_from(self.buf, offset)
+        _ref, _s, klen, _g, frac, seconds, vlen = _HEAD.unpack_from(self.buf, offset + _I_CHAIN)
         self._set_ref(offset)
         if _s == STATE_NEGATIVE:
             return negative
@@ -169,12 +150,12 @@ class Index:
 
     def _mark(self, bucket):
         """Make the bucket's stripe odd for the rest of this write section."""
-        seq_off = self.stripes_off + (bucket % self.nstripes) * 4
+        seq_off = self.stripes_off + (bucket % self.nstripes) * STRIPE_BYTES
         if seq_off not in self._marked:
             seq = _U32.unpack_from(self.buf, seq_off)[0]
             _U32.pack_into(self.buf, seq_off, seq | 1)     # even after any repair: now odd
             self._marked.append(seq_off)
-        return self.buckets_off + bucket * 4
+        return self.buckets_off + bucket * BUCKET_BYTES
 
     def end_write(self):
         """Make every stripe this section marked even again. Call after the last commit."""
@@ -191,7 +172,7 @@ class Index:
         fixed = 0
         for index, seq in enumerate(counters):
             if seq & 1:
-                _U32.pack_into(buf, self.stripes_off + index * 4, (seq + 1) & 0xFFFFFFFF)
+                _U32.pack_into(buf, self.stripes_off + index * STRIPE_BYTES, (seq + 1) & 0xFFFFFFFF)
                 fixed += 1
         return fixed
 
@@ -220,14 +201,14 @@ class Index:
             return False
         if generation is not None and _U64.unpack_from(buf, group + _G_GENERATION)[0] != generation:
             return False
-        seq_off = self.stripes_off + (bucket % self.nstripes) * 4      # self._mark, inline
+        seq_off = self.stripes_off + (bucket % self.nstripes) * STRIPE_BYTES   # _mark, inline
         if seq_off not in self._marked:
             _U32.pack_into(buf, seq_off, _U32.unpack_from(buf, seq_off)[0] | 1)
             self._marked.append(seq_off)
-        bucket_off = self.buckets_off + bucket * 4
+        bucket_off = self.buckets_off + bucket * BUCKET_BYTES
         link, old = self._find(bucket_off, gid, key)
         if old:
-            if _U32.unpack_from(buf, old + 12)[0] == vlen:
+            if _U32.unpack_from(buf, old + _I_VLEN)[0] == vlen:
                 self._rewrite(old, value, expire_at, state)
                 return True
             self._unlink(old, link)
@@ -242,7 +223,7 @@ class Index:
         seconds, frac = expiry_fields(expire_at)
         ref = offset >> 3
         # The chunk is not reachable yet: only word 0 (free-list link and state) is journaled.
-        journal.w64(offset, _U32.unpack_from(buf, bucket_off)[0]
+        journal.w64(offset + ITEM_WORD0, _U32.unpack_from(buf, bucket_off)[0]
                     | (state | klen << 8 | gid << 16 | frac << 24) << 32)
         start = offset + ITEM_HEADER_BYTES
         buf[start:start + klen] = key
@@ -253,11 +234,11 @@ class Index:
         hand = _U32.unpack_from(buf, group + _G_HAND)[0]       # into the ring, behind the hand
         if hand:
             newest = _U32.unpack_from(buf, (hand << 3) + _I_PREV)[0]
-            _TAIL.pack_into(buf, offset + 8, seconds, vlen, newest, hand)
+            _TAIL.pack_into(buf, offset + _I_EXPIRY, seconds, vlen, newest, hand)
             journal.w32((newest << 3) + _I_NEXT, ref)
             journal.w32((hand << 3) + _I_PREV, ref)
         else:
-            _TAIL.pack_into(buf, offset + 8, seconds, vlen, ref, ref)
+            _TAIL.pack_into(buf, offset + _I_EXPIRY, seconds, vlen, ref, ref)
             journal.w32(group + _G_HAND, ref)
         journal.w32(bucket_off, ref)                                # published
         nbytes, items = _COUNTS.unpack_from(buf, group + _G_BYTES)
@@ -276,7 +257,8 @@ class Index:
         return self._stripe_seq(self._bucket(gid, key)) | 1
 
     def _stripe_seq(self, bucket):
-        return _U32.unpack_from(self.buf, self.stripes_off + (bucket % self.nstripes) * 4)[0] | 1
+        return _U32.unpack_from(
+            self.buf, self.stripes_off + (bucket % self.nstripes) * STRIPE_BYTES)[0] | 1
 
     def _rewrite(self, offset, value, expire_at, state=STATE_LIVE):
         """Overwrite a same-length value in place (an update counts as a reference).
@@ -291,18 +273,18 @@ class Index:
         if native is not None:
             journal.step = native(offset, value, seconds, state | frac << 24, journal.pos,
                                   journal.step)
-            journal.pos = journal.start + LOG_ENTRY_BYTES
+            journal.pos = journal.start + LOG_ENTRY.nbytes
             return
-        word = _U64.unpack_from(buf, offset)[0] & _KEEP_LINK_KEY_GROUP
-        journal.w64(offset, word | STATE_WRITING << 32)
+        word = _U64.unpack_from(buf, offset + ITEM_WORD0)[0] & _KEEP_LINK_KEY_GROUP
+        journal.w64(offset + ITEM_WORD0, word | STATE_WRITING << 32)
         journal.checkpoint()
-        start = offset + ITEM_HEADER_BYTES + buf[offset + 5]
+        start = offset + ITEM_HEADER_BYTES + buf[offset + _I_KLEN]
         buf[start:start + len(value)] = value
         _U32.pack_into(buf, offset + _I_EXPIRY, seconds)
-        journal.w64(offset, word | (state | frac << 24) << 32)
+        journal.w64(offset + ITEM_WORD0, word | (state | frac << 24) << 32)
         bit = (offset - self.pages_off) // REFBIT_GRANULE            # an update is a reference
         buf[self.refbits_off + (bit >> 3)] |= 1 << (bit & 7)
-        sets = self.groups_off + buf[offset + 6] * GROUP_RECORD_BYTES + _G_SETS
+        sets = self.groups_off + buf[offset + _I_GID] * GROUP_RECORD_BYTES + _G_SETS
         _U64.pack_into(buf, sets, _U64.unpack_from(buf, sets)[0] + 1)
 
     def remove(self, gid, key, now):
@@ -313,7 +295,7 @@ class Index:
         if not offset:
             return False
         expired = self._expired(offset, now)
-        negative = self.buf[offset + 4] == STATE_NEGATIVE     # not a value: not "deleted"
+        negative = self.buf[offset + _I_STATE] == STATE_NEGATIVE     # not a value: not "deleted"
         self._unlink(offset, link)
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         self._bump(group + (_G_EXPIRATIONS if expired else _G_DELETES))
@@ -344,20 +326,21 @@ class Index:
         gid = self.find_group(name)
         if gid is None:
             for gid in range(self.max_groups):
-                if not _U32.unpack_from(buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_DEFINED)[0]:
+                record = self.groups_off + gid * GROUP_RECORD_BYTES
+                if not _U32.unpack_from(buf, record + _G_DEFINED)[0]:
                     break
             else:
                 raise InvalidArgument(f"the segment holds at most {self.max_groups} groups")
             group = self.groups_off + gid * GROUP_RECORD_BYTES
             buf[group:group + GROUP_RECORD_BYTES] = bytes(GROUP_RECORD_BYTES)
-            buf[group:group + len(encoded)] = encoded
+            buf[group + _G_NAME:group + _G_NAME + len(encoded)] = encoded
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         journal.w64(group + _G_BUDGET, cache_bytes)
         journal.w64(group + _G_TTL, _U64.unpack_from(struct.pack("d", ttl or 0.0))[0])
         journal.w64(group + _G_STALE, _U64.unpack_from(struct.pack("d", stale or 0.0))[0])
         journal.w32(group + _G_DEFINED, 1)
-        if gid >= _U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]:
-            journal.w32(_OFFSET_GROUP_LIMIT, gid + 1)
+        if gid >= _U32.unpack_from(buf, _GROUP_LIMIT)[0]:
+            journal.w32(_GROUP_LIMIT, gid + 1)
         self._evict_for_budget(gid, 0, now)
         return gid
 
@@ -365,92 +348,35 @@ class Index:
         """Group id of ``name``, or None."""
         buf = self.buf
         encoded = name.encode()
-        for gid in range(_U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]):
-            record = _GROUP.unpack_from(buf, self.groups_off + gid * GROUP_RECORD_BYTES)
+        for gid in range(_U32.unpack_from(buf, _GROUP_LIMIT)[0]):
+            record = _GROUP.unpack_from(buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_NAME)
             if record[6] and record[0].rstrip(b"\0") == encoded:
                 return gid
         return None
 
     def group_name(self, gid):
-        return _GROUP.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES)[0] \
-            .rstrip(b"\0").decode()
+        record = self.groups_off + gid * GROUP_RECORD_BYTES
+        return _GROUP.unpack_from(self.buf, record + _G_NAME)[0].rstrip(b"\0").decode()
 
     def group_ttl(self, gid):
-        return _F64.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_TTL)[0] or None
+        record = self.groups_off + gid * GROUP_RECORD_BYTES
+        return _F64.unpack_from(self.buf, record + _G_TTL)[0] or None
 
     def group_stale(self, gid):
         """The group's stale window in seconds (0.0: none)."""
         return _F64.unpack_from(self.buf, self.groups_off + gid * GROUP_RECORD_BYTES + _G_STALE)[0]
 
     def groups(self):
-        """{name: stats dict} of every defined group."""
-        result = {}
-        for gid in range(_U32.unpack_from(self.buf, _OFFSET_GROUP_LIMIT)[0]):
-            record = self.groups_off + gid * GROUP_RECORD_BYTES
-            name, budget, ttl, nbytes, items, _hand, defined = _GROUP.unpack_from(self.buf, record)
-            if not defined:
-                continue
-            evictions, expirations, sets, deletes = _GROUP_STATS.unpack_from(
-                self.buf, record + _G_EVICTIONS)
-            result[name.rstrip(b"\0").decode()] = {
-                "id": gid, "cache_bytes": budget, "ttl": ttl or None,
-                "stale": _F64.unpack_from(self.buf, record + _G_STALE)[0] or None, "bytes": nbytes,
-                "items": items, "evictions": evictions, "expirations": expirations,
-                "sets": sets, "deletes": deletes}
-        return result
+        """{name: stats dict} of every defined group (index_audit.py)."""
+        return group_figures(self)
 
     # -- consistency ------------------------------------------------------------------------
 
     def audit(self):
         """Check chains, rings, byte counts and budgets against the slab chunks (write lock
-        held, no step open). CorruptSegment on the first inconsistency; else a summary."""
-        buf = self.buf
-        chunks = self.slabs.audit()
-        chained = set()
-        for bucket in range(self.nbuckets):
-            ref = _U32.unpack_from(buf, self.buckets_off + bucket * 4)[0]
-            while ref:
-                offset = ref << 3
-                if not (offset in chunks and offset not in chained):
-                    raise CorruptSegment("chain", bucket, offset)
-                chained.add(offset)
-                klen, gid = buf[offset + 5], buf[offset + 6]
-                key = buf[offset + ITEM_HEADER_BYTES:offset + ITEM_HEADER_BYTES + klen]
-                if self._bucket(gid, key) != bucket:
-                    raise CorruptSegment("bucket", offset)
-                ref = _U32.unpack_from(buf, offset)[0]
-        if chained != chunks:
-            raise CorruptSegment("unchained items", len(chunks - chained))
-        ringed = 0
-        for gid in range(_U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]):
-            group = self.groups_off + gid * GROUP_RECORD_BYTES
-            budget, _ttl, nbytes, items, hand, defined = _GROUP_TAIL.unpack_from(buf, group + 64)
-            count = total = 0
-            ref = hand
-            while ref and (count == 0 or ref != hand):
-                offset = ref << 3
-                if not (offset in chunks and buf[offset + 6] == gid):
-                    raise CorruptSegment("ring", gid, offset)
-                prev, nxt = _RING.unpack_from(buf, offset + _I_PREV)
-                if _U32.unpack_from(buf, (nxt << 3) + _I_PREV)[0] != ref:
-                    raise CorruptSegment("ring link", offset)
-                count += 1
-                total += buf[offset + 5] + _U32.unpack_from(buf, offset + 12)[0]
-                if count > len(chunks):
-                    raise CorruptSegment("ring loops", gid)
-                ref = nxt
-            if (count, total) != (items, nbytes):
-                raise CorruptSegment("counts", gid, count, items, total, nbytes)
-            if defined and nbytes > budget:
-                raise CorruptSegment("budget", gid, nbytes, budget)
-            ringed += count
-        if ringed != len(chunks):
-            raise CorruptSegment("items outside rings", len(chunks) - ringed)
-        odd = [i for i, seq in enumerate(struct.unpack_from(f"{self.nstripes}I", buf,
-                                                            self.stripes_off)) if seq & 1]
-        if odd and not self._marked:
-            raise CorruptSegment("odd stripes", odd[:5])
-        return {"items": len(chunks)}
+        held, no step open). CorruptSegment on the first inconsistency; else a summary
+        (index_audit.py)."""
+        return audit(self)
 
     # -- internals (write lock held) --------------------------------------------------------
 
@@ -462,7 +388,7 @@ class Index:
         klen = len(key)
         while ref:
             offset = ref << 3
-            nxt, _s, item_klen, item_gid, _f, _sec, _v = _HEAD.unpack_from(buf, offset)
+            nxt, _s, item_klen, item_gid, _f, _sec, _v = _HEAD.unpack_from(buf, offset + _I_CHAIN)
             start = offset + ITEM_HEADER_BYTES
             if item_klen == klen and item_gid == gid and buf[start:start + klen] == key:
                 return link, offset
@@ -471,18 +397,18 @@ class Index:
 
     def _expired(self, offset, now):
         seconds = _U32.unpack_from(self.buf, offset + _I_EXPIRY)[0]
-        return bool(seconds) and seconds + self.buf[offset + 7] * _FRACTION <= now
+        return bool(seconds) and seconds + self.buf[offset + _I_FRAC] * _FRACTION <= now
 
     def _dead(self, offset, now):
         """Expired, and past its group's stale window too: of no use to anyone."""
         seconds = _U32.unpack_from(self.buf, offset + _I_EXPIRY)[0]
-        return bool(seconds) and (seconds + self.buf[offset + 7] * _FRACTION
-                                  + self.group_stale(self.buf[offset + 6]) <= now)
+        return bool(seconds) and (seconds + self.buf[offset + _I_FRAC] * _FRACTION
+                                  + self.group_stale(self.buf[offset + _I_GID]) <= now)
 
     def _unlink(self, offset, link):
         """Take a found item out of its chain and ring, uncount it, free its chunk."""
         buf, journal = self.buf, self.journal
-        _nxt, _s, klen, gid, _f, _sec, vlen = _HEAD.unpack_from(buf, offset)
+        _nxt, _s, klen, gid, _f, _sec, vlen = _HEAD.unpack_from(buf, offset + _I_CHAIN)
         journal.w32(link, _nxt)
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         self._ring_remove(group, offset)
@@ -493,7 +419,7 @@ class Index:
     def _drop(self, offset):
         """Unlink an item reached from its ring rather than its chain."""
         buf = self.buf
-        klen, gid = buf[offset + 5], buf[offset + 6]
+        klen, gid = buf[offset + _I_KLEN], buf[offset + _I_GID]
         key = buf[offset + ITEM_HEADER_BYTES:offset + ITEM_HEADER_BYTES + klen]
         link, found = self._find(self._mark(self._bucket(gid, key)), gid, key)
         if found != offset:
@@ -502,7 +428,7 @@ class Index:
 
     def _evict(self, offset, now):
         """Drop an item to make room; count it as an eviction or an expiration."""
-        group = self.groups_off + self.buf[offset + 6] * GROUP_RECORD_BYTES
+        group = self.groups_off + self.buf[offset + _I_GID] * GROUP_RECORD_BYTES
         self._bump(group + (_G_EXPIRATIONS if self._expired(offset, now) else _G_EVICTIONS))
         self._drop(offset)
         self.journal.checkpoint()
@@ -544,7 +470,7 @@ class Index:
         """
         slabs = self.slabs
         if slabs.has_pages(class_id):
-            for group in self._groups_by_share(gid):
+            for group in groups_by_share(self, gid):
                 for _eviction in range(ROOM_EVICTIONS):
                     offset = self._clock_victim(group, now)
                     if not offset:
@@ -563,18 +489,6 @@ class Index:
             if chunk:
                 return chunk
         raise AssertionError("no page could be emptied for a new item")
-
-    def _groups_by_share(self, gid):
-        """Group record offsets holding items, largest bytes/budget first, ``gid`` last of equals."""
-        buf = self.buf
-        ranked = []
-        for other in range(_U32.unpack_from(buf, _OFFSET_GROUP_LIMIT)[0]):
-            record = self.groups_off + other * GROUP_RECORD_BYTES
-            budget, _ttl, nbytes, items, _hand, defined = _GROUP_TAIL.unpack_from(buf, record + 64)
-            if defined and items:
-                ranked.append((-nbytes / budget if budget else 0.0, other == gid, record))
-        ranked.sort()
-        return [record for _share, _mine, record in ranked]
 
     def _ring_remove(self, group, offset):
         buf, journal = self.buf, self.journal

@@ -6,27 +6,20 @@ a daemon thread, and on demand (``flush``), at exit, and before anyone reads the
 that process. ``totals`` adds up every slot. A slot whose process died is folded into slot 0
 (the retired counts) when it is reused, so totals only grow.
 
-Counter slot (``arena.counter_slot_bytes(max_groups)`` bytes, at ``counters_off + slot * that``)::
-
-    0    u32  pid owning the slot (0 = free)
-    4    u32  role: 0 = connect() client, N = worker N
-    8    f64  when it was claimed
-    16   ...  reserved
-    64   u64  counters[group id][KINDS], group-major (16 per group, MAX_GROUPS groups)
-
+A counter slot (COUNTER_SLOT, ``layout.counter_slot_bytes(max_groups)`` bytes: a pid, a role,
+then COUNTERS_PER_GROUP u64 counters per group) is declared in layout.py.
 Slot 0 is never claimed; it holds the counts of processes that are gone.
 """
 
 import atexit
 import logging
 import os
-import struct
 import threading
 import time
 import weakref
 from array import array
 
-from .arena import COUNTER_SLOTS, counter_slot_bytes
+from .layout import COUNTER_SLOT, COUNTER_SLOTS, COUNTERS_PER_GROUP, counter_slot_bytes
 
 log = logging.getLogger("shmcache")
 
@@ -37,13 +30,14 @@ KINDS = ("hits", "misses", "hot_hits", "loads", "loads_deduped", "local_loads",
 HITS, MISSES, HOT_HITS, LOADS, LOADS_DEDUPED, LOCAL_LOADS, LOCAL_LOAD_ERRORS, \
     PEER_LOADS, PEER_ERRORS, SERVER_REQUESTS, STALE_HITS, REFRESH_ERRORS, \
     NEGATIVE_HITS = range(len(KINDS))
-PER_GROUP = 16                       # counters reserved per group in a slot
+PER_GROUP = COUNTERS_PER_GROUP       # counters reserved per group in a slot
 FLUSH_INTERVAL = 1.0                 # seconds
-_HEADER = struct.Struct("IId")
-_COUNTS_OFF = 64
+_HEADER = COUNTER_SLOT.struct("pid", "claimed")
+_PID = COUNTER_SLOT.struct("pid")
+_HEADER_OFF, _PID_OFF, _COUNTS_OFF = COUNTER_SLOT.pid, COUNTER_SLOT.pid, COUNTER_SLOT.counts
 _live = weakref.WeakSet()
-if _COUNTS_OFF + PER_GROUP * 8 != counter_slot_bytes(1):
-    raise AssertionError("metrics: counter slot layout out of step with arena.py")
+if len(KINDS) > PER_GROUP or COUNTER_SLOT.fields["counts"].size != PER_GROUP * 8:
+    raise AssertionError("metrics: counters out of step with layout.COUNTER_SLOT")
 
 
 class Counters:
@@ -85,13 +79,13 @@ class Counters:
         buf, now = self.store.buf, time.time()
         for slot in range(1, COUNTER_SLOTS):
             offset = self.base + slot * self.slot_bytes
-            pid = struct.unpack_from("I", buf, offset)[0]
+            pid = _PID.unpack_from(buf, offset + _PID_OFF)[0]
             if pid and _alive(pid):
                 continue
             if pid:
                 self._retire(offset)
             buf[offset + _COUNTS_OFF:offset + _COUNTS_OFF + self.size * 8] = bytes(self.size * 8)
-            _HEADER.pack_into(buf, offset, os.getpid(), self.role, now)
+            _HEADER.pack_into(buf, offset + _HEADER_OFF, os.getpid(), self.role, now)
             return slot
         log.warning("all %d counter slots are taken: this process's counts stay local",
                     COUNTER_SLOTS - 1)
@@ -119,9 +113,9 @@ class Counters:
         offset = self.base + self._slot * self.slot_bytes
 
         def give_back():
-            if struct.unpack_from("I", self.store.buf, offset)[0] == os.getpid():
+            if _PID.unpack_from(self.store.buf, offset + _PID_OFF)[0] == os.getpid():
                 self._retire(offset)
-                struct.pack_into("I", self.store.buf, offset, 0)
+                _PID.pack_into(self.store.buf, offset + _PID_OFF, 0)
         self.store.locked(give_back)
         self._slot = None
 
@@ -169,7 +163,7 @@ def totals(store, max_groups=None):
     buf = store.buf
     for slot in range(COUNTER_SLOTS):
         offset = lay.counters_off + slot * slot_bytes
-        if slot and not struct.unpack_from("I", buf, offset)[0]:
+        if slot and not _PID.unpack_from(buf, offset + _PID_OFF)[0]:
             continue
         counts = array("Q", buf[offset + _COUNTS_OFF:offset + _COUNTS_OFF + size * 8])
         for index, count in enumerate(counts):
@@ -198,7 +192,7 @@ def processes(store):
     found = []
     for slot in range(1, COUNTER_SLOTS):
         offset = lay.counters_off + slot * counter_slot_bytes(lay.max_groups)
-        pid, role, _claimed = _HEADER.unpack_from(store.buf, offset)
+        pid, role, _claimed = _HEADER.unpack_from(store.buf, offset + _HEADER_OFF)
         if pid and _alive(pid):
             found.append((pid, role))
     return found

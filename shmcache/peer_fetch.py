@@ -10,7 +10,8 @@ the worker's epoll loop (httpserver.py), its answer a Future completed on the lo
     send         the GET request, all at once when the socket takes it (it nearly always
                  does), else the rest on EPOLLOUT
     receive      the status line, headers and a Content-Length (or chunked, or until-close)
-                 body; then the connection goes back to its peer's idle pool
+                 body (read by http_messages.parse_response); then the connection
+                 goes back to its peer's idle pool
 
 Each peer keeps up to POOL_SIZE idle keep-alive connections, and has at most
 MAX_CONNECTIONS open at once (as many as a worker has threads by default): a fetch beyond
@@ -41,6 +42,7 @@ import time
 from concurrent.futures import Future
 
 from .errors import PeerUnavailable
+from .http_messages import parse_response
 from .peers import POOL_SIZE
 from .tls import trust_of, verify_problem
 
@@ -450,7 +452,7 @@ class _Exchange:
     def _parse(self, closed):
         """Answer once the response is whole (keep the connection if it may be reused)."""
         try:
-            response = _parse_response(self.received, closed)
+            response = parse_response(self.received, closed)
         except ValueError as exc:
             self._fail(f"bad response: {exc}")
             return
@@ -470,59 +472,3 @@ class _Exchange:
             self.result.set_exception(exc)
             return
         self.result.set_result(value)
-
-
-def _parse_response(buf, closed):
-    """(status, body, keep_alive) of the whole response in ``buf``; None if incomplete.
-    ValueError if it is not HTTP/1.x."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    lines = bytes(buf[:end]).split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise ValueError(repr(lines[0][:80]))
-    status = int(parts[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip().lower()
-    keep = parts[0] == b"HTTP/1.1" and b"close" not in headers.get(b"connection", b"")
-    start = end + 4
-    length = headers.get(b"content-length")
-    if length is not None:
-        if not length.isdigit():
-            raise ValueError("bad Content-Length")
-        length = int(length)
-        if len(buf) - start < length:
-            return None
-        return status, bytes(buf[start:start + length]), keep
-    if b"chunked" in headers.get(b"transfer-encoding", b""):
-        body = _dechunk(buf, start)
-        return None if body is None else (status, body, keep)
-    if status in (204, 304) or 100 <= status < 200:
-        return status, b"", keep
-    if not closed:                     # the body runs until the peer closes
-        return None
-    return status, bytes(buf[start:]), False
-
-
-def _dechunk(buf, at):
-    """The body of a chunked response starting at ``at``; None if incomplete."""
-    chunks = []
-    while True:
-        line_end = buf.find(b"\r\n", at)
-        if line_end < 0:
-            return None
-        size_text = bytes(buf[at:line_end]).split(b";")[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise ValueError("bad chunk size") from None
-        at = line_end + 2
-        if size == 0:
-            return b"".join(chunks) if buf.find(b"\r\n", at) >= 0 else None
-        if len(buf) < at + size + 2:
-            return None
-        chunks.append(bytes(buf[at:at + size]))
-        at += size + 2

@@ -12,20 +12,14 @@ The peer client uses ``http.client`` with a small keep-alive pool per peer rathe
 p50 and http.client 87 us, and a remote hit must stay under half a millisecond. Pools are
 made after fork (workers build their Peers in init_process).
 
-PeerHealth slot (PEER_SLOT_BYTES = 32, at ``peers_off + 32 * slot``; open addressing by
-URL hash; changed only under the arena's write lock, read without it)::
-
-    0   u64  xxh3_64 of the peer URL (0 = empty slot)
-    8   f64  suspect until (Unix s): requests skip the peer before then
-    16  u32  consecutive failures (backoff doubles with each, up to MAX_BACKOFF)
-    24  f64  time of the last failure
+PeerHealth slots (PEER, open addressing by URL hash; changed only under the arena's write
+lock, read without it) are declared in layout.py.
 """
 
 import http.client
 import logging
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Mapping
@@ -34,8 +28,8 @@ from urllib.parse import quote, urlsplit
 
 import xxhash
 
-from .arena import PEER_SLOT_BYTES, PEER_SLOTS
 from .errors import NotFound, PeerUnavailable
+from .layout import PEER, PEER_SLOT_BYTES, PEER_SLOTS
 from .ring import Ring
 from .tls import NamedHTTPSConnection, client_context, trust_of, verify_problem
 from .wire import decode_get_response, encode_set_request
@@ -46,7 +40,13 @@ MIN_BACKOFF = 1.0            # seconds a peer is skipped after its first failure
 MAX_BACKOFF = 30.0
 POOL_SIZE = 16               # idle keep-alive connections kept per peer
 
-_SLOT = struct.Struct("QdId")
+_SLOT = PEER.struct("url_hash", "last_failure")
+_HASH = PEER.struct("url_hash")
+_UNTIL = PEER.struct("suspect_until")
+_FAILURES = PEER.struct("failures")
+_FAILURE = PEER.struct("suspect_until", "last_failure")    # until, failures, last failure
+_CLEARED = PEER.struct("suspect_until", "failures")        # until, failures
+_HASH_OFF, _UNTIL_OFF, _FAILURES_OFF = PEER.url_hash, PEER.suspect_until, PEER.failures
 
 
 class PeerError(Exception):
@@ -239,21 +239,21 @@ class PeerHealth:
         start = wanted % PEER_SLOTS
         for step in range(PEER_SLOTS):
             offset = self.base + ((start + step) % PEER_SLOTS) * PEER_SLOT_BYTES
-            found = struct.unpack_from("Q", self.buf, offset)[0]
+            found = _HASH.unpack_from(self.buf, offset + _HASH_OFF)[0]
             if found == wanted:
                 self._slots[url] = offset
                 return offset
             if not found:
                 if not create:
                     return None
-                _SLOT.pack_into(self.buf, offset, wanted, 0.0, 0, 0.0)
+                _SLOT.pack_into(self.buf, offset + _HASH_OFF, wanted, 0.0, 0, 0.0)
                 self._slots[url] = offset
                 return offset
         return None                       # table full: no shared health for this peer
 
     def suspect_until(self, url):
         offset = self._find(url, create=False)
-        return struct.unpack_from("d", self.buf, offset + 8)[0] if offset is not None else 0.0
+        return _UNTIL.unpack_from(self.buf, offset + _UNTIL_OFF)[0] if offset is not None else 0.0
 
     def is_suspect(self, url, now=None):
         return self.suspect_until(url) > (now or time.time())
@@ -264,11 +264,11 @@ class PeerHealth:
             offset = self._find(url, create=True)
             if offset is None:
                 return 0, 0.0
-            _hash, _until, failures, _last = _SLOT.unpack_from(self.buf, offset)
+            _hash, _until, failures, _last = _SLOT.unpack_from(self.buf, offset + _HASH_OFF)
             now = time.time()
             failures += 1
             backoff = min(MAX_BACKOFF, MIN_BACKOFF * 2 ** (failures - 1))
-            struct.pack_into("dId", self.buf, offset + 8, now + backoff, failures, now)
+            _FAILURE.pack_into(self.buf, offset + _UNTIL_OFF, now + backoff, failures, now)
             return failures, backoff
         failures, backoff = self.store.locked(mark)
         log.warning("peer %s suspect for %.0fs (failure %d: %s)", url, backoff, failures, reason)
@@ -276,12 +276,12 @@ class PeerHealth:
     def succeeded(self, url):
         """A peer that answered is healthy again (cheap when it already was)."""
         offset = self._find(url, create=False)
-        if offset is None or not struct.unpack_from("I", self.buf, offset + 16)[0]:
+        if offset is None or not _FAILURES.unpack_from(self.buf, offset + _FAILURES_OFF)[0]:
             return
 
         def clear():
-            if struct.unpack_from("I", self.buf, offset + 16)[0]:
-                struct.pack_into("dI", self.buf, offset + 8, 0.0, 0)
+            if _FAILURES.unpack_from(self.buf, offset + _FAILURES_OFF)[0]:
+                _CLEARED.pack_into(self.buf, offset + _UNTIL_OFF, 0.0, 0)
                 return True
             return False
         if self.store.locked(clear):
@@ -289,7 +289,8 @@ class PeerHealth:
 
     def failures(self, url):
         offset = self._find(url, create=False)
-        return struct.unpack_from("I", self.buf, offset + 16)[0] if offset is not None else 0
+        return (_FAILURES.unpack_from(self.buf, offset + _FAILURES_OFF)[0] if offset is not None
+                else 0)
 
 
 class PeerPicker(Protocol):

@@ -24,7 +24,7 @@ found expired, so a fresh hit costs what it costs in any reader.
 
 A hit sets the item's CLOCK reference bit (outside the chunk, so a write that comes late,
 after the chunk changed hands, only sets a stray bit) and counts in the process's list
-(metrics.py). Layouts: lru_index.py.
+(metrics.py). Layouts: layout.py.
 
 **Two readers, one behaviour.** ``make_reader`` builds the C reader of ``_native.c`` (built
 when the package is installed, if a compiler is there) and falls back to the pure-Python
@@ -37,20 +37,24 @@ xxhash function object.
 
 import logging
 import os
-import struct
 import sys
 import time
 
 import xxhash
 
-from .arena import GROUP_RECORD_BYTES, ITEM_HEADER_BYTES, MAX_KEY_BYTES, REFBIT_GRANULE
 from .errors import InvalidKey
-from .lru_index import _F64, _FRACTION, _G_STALE, _HEAD, _U32, encode_key
+from .layout import (BUCKET_BYTES, GROUP, GROUP_RECORD_BYTES, ITEM, ITEM_HEADER_BYTES,
+                     MAX_KEY_BYTES, REFBIT_GRANULE, STRIPE_BYTES)
+from .lru_index import _F64, _FRACTION, _HEAD, _U32, encode_key
 from .metrics import HITS, HOT_HITS, MISSES, NEGATIVE_HITS, PER_GROUP
 from .slabs import STATE_LIVE, STATE_NEGATIVE
 
-if not (PER_GROUP == 16 and REFBIT_GRANULE == 32):    # counts[gid << 4 | kind]; bit = off >> 5
-    raise AssertionError("reader: PER_GROUP or REFBIT_GRANULE changed; the shifts here did not")
+# The pure-Python hit path spells these as literals, for speed, and _native.c the stripe
+# and bucket sizes: held to layout.py here.
+# counts[gid << 4 | kind]; bit = off >> 5; stripe and bucket offsets * 4; _HEAD from offset.
+if not (PER_GROUP == 16 and REFBIT_GRANULE == 32 and STRIPE_BYTES == BUCKET_BYTES == 4
+        and ITEM.chain == 0 and _HEAD.format == ITEM.struct("chain", "vlen").format):
+    raise AssertionError("reader: a layout constant changed; the literals here did not")
 
 READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
 MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
@@ -127,22 +131,19 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
 
 def native_layout(index):
     """The constants the C reader works with, all from their one definition."""
-    fields = ("o_chain", "o_state", "o_klen", "o_gid", "o_frac", "o_seconds", "o_vlen")
-    codes = _HEAD.format                        # "IBBBBII": field offsets, native alignment
-    offsets = [struct.calcsize(codes[:i + 1]) - struct.calcsize(codes[i])
-               for i in range(len(codes))]
     return {
         "nbuckets": index.nbuckets, "nstripes": index.nstripes,
         "stripes_off": index.stripes_off, "buckets_off": index.buckets_off,
         "refbits_off": index.refbits_off, "low": index.pages_off,
         "high": index.pages_end - ITEM_HEADER_BYTES, "pages_end": index.pages_end,
-        "max_item": index.max_item_size, "stale_off": index.groups_off + _G_STALE,
+        "max_item": index.max_item_size, "stale_off": index.groups_off + GROUP.stale,
         "group_record_bytes": GROUP_RECORD_BYTES, "item_header_bytes": ITEM_HEADER_BYTES,
         "max_key_bytes": MAX_KEY_BYTES, "refbit_granule": REFBIT_GRANULE,
         "per_group": PER_GROUP, "read_attempts": READ_ATTEMPTS, "max_chain": MAX_CHAIN,
         "state_live": STATE_LIVE, "state_negative": STATE_NEGATIVE,
         "hits": HITS, "misses": MISSES, "hot_hits": HOT_HITS,
-        **dict(zip(fields, offsets)),
+        "o_chain": ITEM.chain, "o_state": ITEM.state, "o_klen": ITEM.klen, "o_gid": ITEM.gid,
+        "o_frac": ITEM.frac, "o_seconds": ITEM.seconds, "o_vlen": ITEM.vlen,
     }
 
 
@@ -172,7 +173,7 @@ def make_python_reader(index, group_ids, resolve_group, locked_lookup, counts, w
     high = index.pages_end - ITEM_HEADER_BYTES
     pages_end, max_item = index.pages_end, index.max_item_size
     unpack_u32, unpack_head, unpack_f64 = _U32.unpack_from, _HEAD.unpack_from, _F64.unpack_from
-    stale_off = index.groups_off + _G_STALE
+    stale_off = index.groups_off + GROUP.stale
     digest, sched_yield, now = xxhash.xxh3_64_intdigest, os.sched_yield, time.time
     find_group = group_ids.get
 

@@ -22,8 +22,8 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-from .arena import (_CREATING, _OFFSET_CLEAN, _OFFSET_OWNER_PID, HEADER_BYTES, MAGIC,
-                    OWNER_LOCK_BYTE, _HEADER, _U32, pid_alive, retire, shm_dir)
+from .arena import _CREATING, _U32, _U64, pid_alive, retire, shm_dir
+from .layout import HEADER, HEADER_BYTES, MAGIC, OWNER_LOCK_BYTE
 from .errors import SegmentIncompatible, SegmentNotFound
 from .locks import LockFile
 from .units import format_size
@@ -90,13 +90,13 @@ def inspect(name, directory=None, mappers=None):
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         return None
     try:
-        header = os.pread(lock_file.fd, HEADER_BYTES, 0)
-        if len(header) < HEADER_BYTES or _HEADER.unpack_from(header, 0)[0] != MAGIC:
+        header = os.pread(lock_file.fd, HEADER_BYTES, HEADER.magic)
+        if len(header) < HEADER_BYTES or _U64.unpack_from(header, HEADER.magic)[0] != MAGIC:
             return None
         st = os.fstat(lock_file.fd)
-        creator = _HEADER.unpack_from(header, 0)[10]
-        owner = _U32.unpack_from(header, _OFFSET_OWNER_PID)[0]
-        clean = bool(_U32.unpack_from(header, _OFFSET_CLEAN)[0])
+        creator = _U32.unpack_from(header, HEADER.creator_pid)[0]
+        owner = _U32.unpack_from(header, HEADER.owner_pid)[0]
+        clean = bool(_U32.unpack_from(header, HEADER.clean)[0])
         owned = lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE)
     finally:
         lock_file.close()

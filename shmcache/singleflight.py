@@ -29,51 +29,47 @@ each atomic with respect to each other. The interleavings that matter:
 A waiter must never poll a byte its own process holds (OFD locks do not exclude their own
 open file description): ``_held`` lists the slots this process is loading.
 
-Slot layout (INFLIGHT_SLOT_BYTES = 512, at ``inflight_off + 512 * slot``)::
+The in-flight slot (INFLIGHT, one per slot) and the slots' lock bytes (INFLIGHT_LOCK_BASE)
+are declared in layout.py.
 
-    0    u32  state: FREE, LOADING, DONE_OK, DONE_NOT_FOUND, DONE_ERROR
-    4    u32  loader pid
-    8    u64  ticket (unique per claim; waiters check it)
-    16   f64  time of the last change (Unix s): old finished slots are reused
-    24   u32  waiters still to read the result
-    28   u8   group id          29  u8  key length      30  u16  error message length
-    32   key (up to 250 bytes)
-    284  u32  the group's generation when the load was claimed (its low 32 bits)
-    288  error message (up to 224 bytes, UTF-8)
-
-A flush of the group moves its generation on (lru_index.py). A load claimed before stores
-nothing (group.py), and a claim after it does not join that load: it claims a slot of its
-own, so gets after a flush neither wait for a load from before it nor share its answer.
+A flush of the group moves its generation on (lru_index.py); a slot keeps the low 32 bits
+of the generation its load was claimed in. A load claimed before the flush stores nothing
+(group.py), and a claim after it does not join that load: it claims a slot of its own, so
+gets after a flush neither wait for a load from before it nor share its answer.
 """
 
 import asyncio
 import contextlib
 import logging
 import os
-import struct
 import threading
 import time
 
 import xxhash
 
-from .arena import INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS, MAX_KEY_BYTES
 from .errors import LoadError, LoadTimeout, NotFound
+from .layout import (INFLIGHT, INFLIGHT_ERROR_BYTES, INFLIGHT_LOCK_BASE,
+                     INFLIGHT_SLOT_BYTES, INFLIGHT_SLOTS)
 from .reader import NOT_FOUND
 
 log = logging.getLogger("shmcache")
 
 FREE, LOADING, DONE_OK, DONE_NOT_FOUND, DONE_ERROR = range(5)
-INFLIGHT_LOCK_BASE = 4096         # lock byte of slot i is INFLIGHT_LOCK_BASE + i
 PROBE = 16                        # slots a key may use
 STALE_AFTER = 60.0                # seconds after which a finished slot is reused regardless
 POLL_MIN, POLL_MAX = 0.0005, 0.01  # waiter poll interval, seconds
 
-_SLOT = struct.Struct("IIQdIBBH")
-_STATE = struct.Struct("I")
-_KEY_OFF, _GENERATION_OFF, _ERROR_OFF, _ERROR_MAX = 32, 284, 288, 224
-_GENERATION = struct.Struct("I")
-if _KEY_OFF + MAX_KEY_BYTES > _GENERATION_OFF:
-    raise AssertionError("singleflight: the key field overlaps the slot's generation")
+_SLOT = INFLIGHT.struct("state", "elen")
+_CLAIM = INFLIGHT.struct("state", "waiters")      # a take-over rewrites these at once
+_STATE = INFLIGHT.struct("state")
+_GENERATION = INFLIGHT.struct("generation")
+_WAITERS = INFLIGHT.struct("waiters")
+_ELEN = INFLIGHT.struct("elen")
+_CHANGED = INFLIGHT.struct("changed")
+_KEY_OFF, _GENERATION_OFF = INFLIGHT.key, INFLIGHT.generation
+_ERROR_OFF, _ERROR_MAX = INFLIGHT.error, INFLIGHT_ERROR_BYTES
+_STATE_OFF, _WAITERS_OFF = INFLIGHT.state, INFLIGHT.waiters
+_ELEN_OFF, _CHANGED_OFF = INFLIGHT.elen, INFLIGHT.changed
 
 
 class Flights:
@@ -289,19 +285,19 @@ class HostFlights:
         loading = self._loading_slot(gid, key, slots, generation)   # loading it already?
         if loading is not None:
             slot, offset, ticket, waiters = loading
-            struct.pack_into("I", buf, offset + 24, waiters + 1)
+            _WAITERS.pack_into(buf, offset + _WAITERS_OFF, waiters + 1)
             return "wait", slot, ticket, None
         for slot in slots:                       # no: claim one
             offset = self.base + slot * INFLIGHT_SLOT_BYTES
-            state, _pid, _t, changed, waiters, _g, _k, _e = _SLOT.unpack_from(buf, offset)
+            state, _pid, _t, changed, waiters, _g, _k, _e = _SLOT.unpack_from(buf, offset + _STATE_OFF)
             if self._claimable(slot, state, waiters, changed, now):
                 with self._guard:               # before the write lock goes: no other thread
                     self._held.add(slot)         # of ours may take this slot for its own
                 ticket = self._next_ticket()
                 buf[offset + _KEY_OFF:offset + _KEY_OFF + len(key)] = key
                 _GENERATION.pack_into(buf, offset + _GENERATION_OFF, generation)
-                _SLOT.pack_into(buf, offset, FREE, os.getpid(), ticket, now, 0, gid, len(key), 0)
-                _STATE.pack_into(buf, offset, LOADING)      # last: now others can join
+                _SLOT.pack_into(buf, offset + _STATE_OFF, FREE, os.getpid(), ticket, now, 0, gid, len(key), 0)
+                _STATE.pack_into(buf, offset + _STATE_OFF, LOADING)      # last: now others can join
                 return "load", slot, ticket, None
         log.warning("in-flight table full around %r: loading without host-wide dedup", key)
         return "untracked", None, None, None
@@ -312,7 +308,7 @@ class HostFlights:
         buf = self.buf
         for slot in slots:
             offset = self.base + slot * INFLIGHT_SLOT_BYTES
-            state, _pid, ticket, _c, waiters, slot_gid, klen, _e = _SLOT.unpack_from(buf, offset)
+            state, _pid, ticket, _c, waiters, slot_gid, klen, _e = _SLOT.unpack_from(buf, offset + _STATE_OFF)
             if (state == LOADING and slot_gid == gid and klen == len(key)
                     and buf[offset + _KEY_OFF:offset + _KEY_OFF + klen] == key
                     and _GENERATION.unpack_from(buf, offset + _GENERATION_OFF)[0] == generation):
@@ -342,42 +338,43 @@ class HostFlights:
     def _finish(self, slot, ticket, state, message):
         buf = self.buf
         offset = self.base + slot * INFLIGHT_SLOT_BYTES
-        current, _pid, slot_ticket, _c, waiters, _g, _k, _e = _SLOT.unpack_from(buf, offset)
+        current, _pid, slot_ticket, _c, waiters, _g, _k, _e = _SLOT.unpack_from(buf, offset + _STATE_OFF)
         if slot_ticket != ticket or current != LOADING:
             return
         encoded = message.encode()[:_ERROR_MAX]
         buf[offset + _ERROR_OFF:offset + _ERROR_OFF + len(encoded)] = encoded
-        struct.pack_into("H", buf, offset + 30, len(encoded))
-        struct.pack_into("d", buf, offset + 16, time.time())
-        _STATE.pack_into(buf, offset, state if waiters else FREE)
+        _ELEN.pack_into(buf, offset + _ELEN_OFF, len(encoded))
+        _CHANGED.pack_into(buf, offset + _CHANGED_OFF, time.time())
+        _STATE.pack_into(buf, offset + _STATE_OFF, state if waiters else FREE)
 
     def _collect(self, slot, ticket):
         """A waiter holding the byte lock reads the outcome (and stops counting as a waiter),
         or finds the loader dead and takes the load over."""
         buf = self.buf
         offset = self.base + slot * INFLIGHT_SLOT_BYTES
-        state, _pid, slot_ticket, _c, waiters, _g, _k, elen = _SLOT.unpack_from(buf, offset)
+        state, _pid, slot_ticket, _c, waiters, _g, _k, elen = _SLOT.unpack_from(buf, offset + _STATE_OFF)
         if slot_ticket != ticket:
             return _RETRY
         waiters = max(0, waiters - 1)
         if state == LOADING:
             log.warning("loader pid %d of %r died; pid %d takes over", _pid,
                         bytes(buf[offset + _KEY_OFF:offset + _KEY_OFF + _k]), os.getpid())
-            struct.pack_into("IIQdI", buf, offset, LOADING, os.getpid(), ticket, time.time(), waiters)
+            _CLAIM.pack_into(buf, offset + _STATE_OFF, LOADING, os.getpid(), ticket, time.time(),
+                             waiters)
             with self._guard:
                 self._held.add(slot)
             return _TAKE_OVER
         message = bytes(buf[offset + _ERROR_OFF:offset + _ERROR_OFF + elen]).decode(errors="replace")
-        struct.pack_into("I", buf, offset + 24, waiters)
+        _WAITERS.pack_into(buf, offset + _WAITERS_OFF, waiters)
         if not waiters:
-            _STATE.pack_into(buf, offset, FREE)
+            _STATE.pack_into(buf, offset + _STATE_OFF, FREE)
         return state, message
 
     def _leave(self, slot, ticket):
         offset = self.base + slot * INFLIGHT_SLOT_BYTES
-        state, _pid, slot_ticket, _c, waiters, _g, _k, _e = _SLOT.unpack_from(self.buf, offset)
+        state, _pid, slot_ticket, _c, waiters, _g, _k, _e = _SLOT.unpack_from(self.buf, offset + _STATE_OFF)
         if slot_ticket == ticket and waiters:
-            struct.pack_into("I", self.buf, offset + 24, waiters - 1)
+            _WAITERS.pack_into(self.buf, offset + _WAITERS_OFF, waiters - 1)
 
 
 _TAKE_OVER, _LOAD_HERE, _RETRY, _PENDING = object(), object(), object(), object()  # _poll's

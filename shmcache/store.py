@@ -28,12 +28,12 @@ import re
 import struct
 import time
 
-from .arena import (_OFFSET_OWNER_PID, _OFFSET_REPAIRS, _OFFSET_RETIRED, _OFFSET_TX_ACTIVE,
-                    _OFFSET_WRITER_PID, OWNER_LOCK_BYTE, WRITE_LOCK_BYTE, Arena, pid_alive)
+from .arena import Arena, pid_alive
 from .batch import chunks
 from .errors import (InvalidArgument, NotAnInteger, SegmentNotFound, UnknownGroup,
                      ValueTooLarge)
 from .journal import Journal, JournalFull
+from .layout import HEADER, OWNER_LOCK_BYTE, WRITE_LOCK_BYTE
 from .locks import LockFile
 from .lru_index import Index, encode_key
 from .metrics import Counters
@@ -45,10 +45,9 @@ from .validate import check_ttl, check_value_size  # noqa: F401 (check_ttl: its 
 log = logging.getLogger("shmcache")
 _U32 = struct.Struct("I")
 _U64 = struct.Struct("Q")
-# WRITER_PID (u32, then 4 spare bytes) and TX_ACTIVE (u64) side by side: one read per write.
-_WRITER_AND_TX = struct.Struct("I4xQ")
-if _OFFSET_TX_ACTIVE != _OFFSET_WRITER_PID + 8:
-    raise AssertionError("store: WRITER_PID and TX_ACTIVE must be side by side (one read)")
+# HEADER.writer_pid and HEADER.tx_active side by side (layout.py): one read per write.
+_WRITER_AND_TX = HEADER.struct("writer_pid", "tx_active")
+_WRITER_PID, _RETIRED, _REPAIRS = HEADER.writer_pid, HEADER.retired, HEADER.repairs
 # This process's pid for the WRITER_PID mark (os.getpid() is a system call); set anew in a
 # forked child before any of its code runs.
 _this_pid = [os.getpid()]
@@ -229,9 +228,9 @@ class Store:
         any) still holds OWNER_LOCK_BYTE. A stat and a lock query, a few microseconds: the
         watcher's check (attachment.py), not the write path's."""
         arena = self.arena
-        if _U32.unpack_from(self.buf, _OFFSET_RETIRED)[0] or not arena.is_named():
+        if _U32.unpack_from(self.buf, _RETIRED)[0] or not arena.is_named():
             raise self._removed()
-        owner = arena.get_u32(_OFFSET_OWNER_PID)
+        owner = arena.get_u32(HEADER.owner_pid)
         if owner and not (self.lock_file.is_locked_elsewhere(OWNER_LOCK_BYTE)
                           and pid_alive(owner)):
             raise SegmentNotFound(f"the supervisor that owned segment {arena.name!r} died; "
@@ -462,14 +461,14 @@ class Store:
         lock, journal = self._write_lock, self.journal
         lock.acquire()
         try:
-            writer, active = _WRITER_AND_TX.unpack_from(buf, _OFFSET_WRITER_PID)
+            writer, active = _WRITER_AND_TX.unpack_from(buf, _WRITER_PID)
             if writer or active:
                 self._repair()
-            _U32.pack_into(buf, _OFFSET_WRITER_PID, _this_pid[0])
+            _U32.pack_into(buf, _WRITER_PID, _this_pid[0])
             journal.begin()
             try:
                 result = operation(*args)
-                if self.verify_identity and _U32.unpack_from(buf, _OFFSET_RETIRED)[0]:
+                if self.verify_identity and _U32.unpack_from(buf, _RETIRED)[0]:
                     # Written, not committed, and the segment was retired meanwhile (the
                     # interleavings are in arena.retire): undo (below) and refuse.
                     raise self._removed()
@@ -480,18 +479,18 @@ class Store:
                 raise
             finally:
                 self.index.end_write()
-                _U32.pack_into(buf, _OFFSET_WRITER_PID, 0)
+                _U32.pack_into(buf, _WRITER_PID, 0)
         finally:
             lock.release()
 
     def _repair(self):
         """The previous writer died inside a write section: roll back its open step."""
         buf = self.buf
-        dead = _U32.unpack_from(buf, _OFFSET_WRITER_PID)[0]
+        dead = _U32.unpack_from(buf, _WRITER_PID)[0]
         words = self.journal.undo()
         stripes = self.index.repair_stripes()
-        _U64.pack_into(buf, _OFFSET_REPAIRS, _U64.unpack_from(buf, _OFFSET_REPAIRS)[0] + 1)
-        _U32.pack_into(buf, _OFFSET_WRITER_PID, 0)
+        _U64.pack_into(buf, _REPAIRS, _U64.unpack_from(buf, _REPAIRS)[0] + 1)
+        _U32.pack_into(buf, _WRITER_PID, 0)
         log.warning("segment %s: writer pid %d died mid-write; restored %d words, "
                     "reopened %d stripes", self.arena.name, dead, words, stripes)
 
@@ -515,7 +514,7 @@ class Store:
             "items": sum(info["items"] for info in groups.values()),
             "bytes": payload,
             "payload_share": payload / lay.total_size,
-            "repairs": _U64.unpack_from(self.buf, _OFFSET_REPAIRS)[0],
+            "repairs": _U64.unpack_from(self.buf, _REPAIRS)[0],
             "groups": groups,
             "slabs": self.slabs.stats(),
         }

@@ -23,12 +23,12 @@ import time
 from collections import deque
 from urllib.parse import urlsplit
 
-from .arena import (_OFFSET_CLEAN, _OFFSET_OWNER_PID, _OFFSET_OWNER_START, _OFFSET_PEER_COUNT,
-                    DEFAULT_MAX_GROUPS, OWNER_LOCK_BYTE, retire)
+from .arena import retire
 from .config import Config, check_tls, parse_args  # noqa: F401 (their old home)
 from .discovery import PeerBoard, PeerSource, next_view
 from .errors import SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound
 from .group import AppError, check_groups, demo_groups, load_app, origin_group, DEMO_SCORES
+from .layout import DEFAULT_MAX_GROUPS, HEADER, OWNER_LOCK_BYTE
 from .locks import LockFile
 from .store import Store
 from .units import format_size
@@ -160,7 +160,7 @@ class Supervisor:
         self.peer_view = view
         self.peer_board.publish(view)
         if self.store is not None:
-            self.store.arena.set_u32(_OFFSET_PEER_COUNT, len(peers))
+            self.store.arena.set_u32(HEADER.peer_count, len(peers))
         for pid in list(self.workers):
             _signal(pid, signal.SIGHUP)
 
@@ -251,11 +251,11 @@ class Supervisor:
     def _claim(self):
         """Record this supervisor as the owner of ``self.store``, its front and groups."""
         config, arena = self.config, self.store.arena
-        arena.set_u32(_OFFSET_CLEAN, 0)
-        arena.set_u32(_OFFSET_OWNER_PID, os.getpid())
-        struct.pack_into("d", arena.buf, _OFFSET_OWNER_START, time.time())
+        arena.set_u32(HEADER.clean, 0)
+        arena.set_u32(HEADER.owner_pid, os.getpid())
+        struct.pack_into("d", arena.buf, HEADER.owner_start, time.time())
         arena.set_front(config.host, config.port, **front_tls(config))
-        arena.set_u32(_OFFSET_PEER_COUNT, len(self.peer_view.peers) if self.peer_view else 1)
+        arena.set_u32(HEADER.peer_count, len(self.peer_view.peers) if self.peer_view else 1)
         self.define_groups()
 
     def _adopt_existing(self):
@@ -281,7 +281,7 @@ class Supervisor:
                 reason = f"cannot read it: {exc}"
         if store is not None:
             lay = store.arena.layout
-            if not store.arena.get_u32(_OFFSET_CLEAN):
+            if not store.arena.get_u32(HEADER.clean):
                 reason = "its last supervisor did not stop cleanly (crashed or was killed)"
             elif lay.total_size != config.memory:
                 reason = (f"it has {format_size(lay.total_size)} and --memory asks for "
@@ -403,8 +403,8 @@ class Supervisor:
         if store is not None:
             clean = self.exit_code == 0 and not self.workers
             arena = store.arena
-            arena.set_u32(_OFFSET_CLEAN, 1 if clean and self.config.warm_restart else 0)
-            arena.set_u32(_OFFSET_OWNER_PID, 0)
+            arena.set_u32(HEADER.clean, 1 if clean and self.config.warm_restart else 0)
+            arena.set_u32(HEADER.owner_pid, 0)
             if clean and self.config.warm_restart:
                 log.info("kept segment %s (%s, %d items) for a warm restart", arena.name,
                          format_size(arena.layout.total_size), store.stats()["items"])

@@ -2,14 +2,14 @@
 
 Each rule is written here once; the modules that check (Group, Store, the HTTP front, the
 clients, the index) call these. The key limit is the arena's ``MAX_KEY_BYTES`` (the
-layout depends on it). This module imports only the arena's constants and the errors.
+layout depends on it). This module imports only the layout's constants and the errors.
 """
 
 import math
 import re
 
-from .arena import MAX_KEY_BYTES
 from .errors import InvalidArgument, InvalidKey, ValueTooLarge
+from .layout import MAX_KEY_BYTES
 
 GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 GROUP_NAME_RULE = "1 to 64 of letters, digits, '_', '.', '-'"

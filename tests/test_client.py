@@ -112,7 +112,7 @@ BATCH_FAILURES = [
 
 
 def read_batch_answer(status, answer):
-    from shmcache.client import given_keys, many_answer, many_result
+    from shmcache.front_client import given_keys, many_answer, many_result
     found, failed = {}, {}
     many_answer("g", given_keys(["ok", "a", b"b/c", "f", "g", "m"]), status, answer, found,
                 failed)

@@ -17,7 +17,8 @@ from shmcache.group import GROUP_NAME
 from shmcache.http_front import BadPath, split_group_key
 from shmcache.wire import (decode_get_response, decode_set_request, encode_get_response,
                            encode_set_request)
-from shmcache.httpserver import HttpServer, _BadRequest, _Connection
+from shmcache.http_messages import BadRequest, parse_request
+from shmcache.httpserver import HttpServer, _Connection
 
 pytestmark = pytest.mark.chaos
 
@@ -85,8 +86,8 @@ def test_http_parser_returns_a_request_none_or_a_4xx(parser, parts):
     connection = _Connection(server.listener, ("127.0.0.1", 1), time.monotonic())
     connection.inbuf = bytearray(b"".join(parts))
     try:
-        server._parse(connection)
-    except _BadRequest as bad:
+        parse_request(connection, server.limits)
+    except BadRequest as bad:
         assert 400 <= bad.status < 500
 
 

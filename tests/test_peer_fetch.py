@@ -14,7 +14,8 @@ import pytest
 from shmcache.errors import NotFound, PeerUnavailable
 from shmcache.http_front import then
 from shmcache.wire import PROTOBUF, encode_get_response
-from shmcache.httpserver import HttpServer, error, render
+from shmcache.http_messages import error, render
+from shmcache.httpserver import HttpServer
 from shmcache import peer_fetch
 from shmcache.peer_fetch import PeerFetcher
 from shmcache.peers import PeerClient, PeerError

@@ -273,7 +273,7 @@ def dns_named(supervised, pki):
 
 def test_connect_loads_misses_through_a_tls_front(dns_named):
     with shmcache.connect(name=dns_named.name) as cache:
-        front = cache._front_address()
+        front = cache._front.address()
         assert front.tls and front.tls_name == DNS_NAME
         assert cache.get("test", "sync-miss") == b"value-of-sync-miss"
         assert cache.get_many("test", ["sync-a", "sync-b"]) == {
@@ -329,7 +329,7 @@ def test_a_client_follows_its_front_to_tls_across_a_warm_restart(supervised, pki
                             name=plain.name, tls=pki.client())
         assert "warm start" in secure.log()
         deadline = time.monotonic() + 10
-        while not cache._front_address().tls and time.monotonic() < deadline:
+        while not cache._front.address().tls and time.monotonic() < deadline:
             time.sleep(0.05)                     # the client's next segment check sees it
         assert cache.get("test", "before") == b"value-of-before"      # kept
         assert cache.get("test", "after") == b"value-of-after"        # loaded over HTTPS
