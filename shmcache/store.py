@@ -53,6 +53,7 @@ _WRITER_PID, _RETIRED, _REPAIRS = HEADER.writer_pid, HEADER.retired, HEADER.repa
 _this_pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _this_pid.__setitem__(0, os.getpid()))
 _DECIMAL = re.compile(rb"-?[0-9]{1,4000}")
+WRITE_LOCK_SPINS = 16       # tries before a writer sleeps for the lock (locks.ByteLock)
 BATCH_CHUNK = 64            # keys a batch writes per hold of the write lock
 
 
@@ -94,7 +95,7 @@ class Store:
         # This process's descriptor for byte locks, opened through the mapped descriptor
         # rather than the name: the name may point to a newer segment by now.
         self.lock_file = LockFile(f"/proc/self/fd/{arena.fd}")
-        self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE)
+        self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE, spins=WRITE_LOCK_SPINS)
         # name -> id; ids never change once defined. The readers look a group up here
         # first: while the store is diverted it stays empty, so every read takes the detour.
         self._group_ids = {}
