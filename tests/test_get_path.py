@@ -1,4 +1,4 @@
-"""The Get path of a Node (worker.py) against a fake peer picker, as golang/groupcache's
+"""The Get path of a Node (node.py) against a fake peer picker, as golang/groupcache's
 ``fakePeers``: no processes and no sockets. The Node runs over a segment made with
 ``shmcache.create`` and a thread pool; its picker's ``owner_of`` hands out fake peers that
 record what they are asked and answer with a value or an error.
@@ -16,7 +16,7 @@ import pytest
 from shmcache import Group
 from shmcache.errors import LoadError, NotFound, PeerUnavailable
 from shmcache.peers import PeerError, PeerHealth, PeerPicker, Peers
-from shmcache.worker import Node, NoPeers
+from shmcache.node import Node, NoPeers
 
 pytestmark = pytest.mark.unit
 
