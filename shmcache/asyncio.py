@@ -95,7 +95,7 @@ class AsyncClient:
         does not answer."""
         client = self._client
         try:
-            value = client.peek(group, key)
+            value = client._read(group, key)        # a miss: counted where it is answered
         except SegmentNotFound:
             with client._without_segment():
                 return await self._load(group, key)
@@ -113,13 +113,18 @@ class AsyncClient:
         if flight is None:
             local = client._local_group(group)
             if local is not None:
+                from .node import count_misses      # the miss path: counted in node.py
+                count_misses(local[0], group)
                 load = self._load_here(*local, key)
-            else:
+            else:                                   # the front counts this get
                 client._miss_to_front(group, key)
                 load = front.fetch(path)
             flight = asyncio.get_running_loop().create_task(load)
             front.flights[path] = flight
             flight.add_done_callback(lambda done: front.land(path, done))
+        elif client._attachment.current is not None:            # joins the loop's load
+            from .node import count_misses
+            count_misses(client._attachment.current, group)
         # A cancelled waiter leaves the load running for the others (see the docstring).
         return await asyncio.shield(flight)
 
@@ -145,7 +150,7 @@ class AsyncClient:
         found, missed = {}, []
         try:
             for key in wanted:
-                value = client.peek(group, key)
+                value = client._read(group, key)
                 if value is None:
                     missed.append(key)
                 else:
@@ -159,6 +164,8 @@ class AsyncClient:
             return await self._load_here_many(group, missed, found)
         store = client._attachment.current
         if store is not None and store.arena.front() is None:
+            from .node import count_misses
+            count_misses(store, group, len(missed))
             return found                    # nothing here can load them: absent
         client._miss_to_front(group, missed[0], count=len(missed))
         return await self._load_many(group, missed, found)

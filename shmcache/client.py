@@ -27,8 +27,8 @@ from .front_client import (BATCH_HEADERS, FrontConnection, batch_path, distinct_
 from .group import Group
 from .layout import HEADER
 from .lru_index import encode_key
-from .metrics import MISSES, host_stats
-from .stale import Refreshes, refresh, stale_hit
+from .metrics import host_stats
+from .stale import Refreshes
 from .store import Store, check_ttl, encode_value
 
 DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
@@ -63,6 +63,7 @@ class Client:
     def _switch(self, store):
         """The attachment moved to ``store`` (None: no live segment), or the front moved."""
         self.peek = store.get if store is not None else self._peek_without_segment
+        self._read = store.get_leaving_miss if store is not None else self._read_without_segment
         self._front_generation += 1
 
     @property
@@ -82,6 +83,16 @@ class Client:
             return self.peek(group, key)
         raise self._attachment.unavailable()
 
+    def _read(self, group, key):
+        """``get``'s read: ``peek``, but a miss is left to whoever answers it (node.py
+        counts it). (Replaced per instance by the segment's reader.)"""
+        return self._attachment.current.get_leaving_miss(group, key)
+
+    def _read_without_segment(self, group, key):
+        if self._attachment.refresh():
+            return self._read(group, key)
+        raise self._attachment.unavailable()
+
     def _peek_closed(self, group, key):
         raise ClientClosed(f"this client of segment {self.name!r} is closed")
 
@@ -95,8 +106,8 @@ class Client:
         AuthError if the front wants a token; PeerUnavailable if the front cannot be reached;
         SegmentNotFound if the cache has no live segment and its front does not answer."""
         try:
-            value = self.peek(group, key)
-        except SegmentNotFound:
+            value = self._read(group, key)          # a hit counts; a miss is counted
+        except SegmentNotFound:                     # where it is answered (node.py)
             return self._fetch_without_segment(group, key)
         if value is not None:
             return value
@@ -109,7 +120,8 @@ class Client:
     def _load_or_stale(self, store, group, key):
         """A missed key's value loaded by this process's getter (``_load_here``); or its
         stale value, if it has one, while a refresh reloads it in the background."""
-        found = stale_hit(store, group.name, key)
+        from .node import refresh, stale_or_miss      # the miss path: counted there
+        found = stale_or_miss(store, group.name, key)
         if found is None:
             return self._load_here(store, group, key)
         self._refreshes.start((group.name, key), lambda: refresh(
@@ -117,16 +129,16 @@ class Client:
         return found[0]
 
     def _miss_to_front(self, group, key, count=1):
-        """Before ``count`` missed keys of ``group`` go to the front: NotFound if the segment
-        has no front to load them; else take them back from the miss counter, since the
-        front counts each of these gets again when it answers."""
+        """Before ``count`` missed keys of ``group`` go to the front, which counts each get
+        when it answers: NotFound (the miss counted here) if the segment has no front."""
         store = self._attachment.current
         if store is None:
             return
         if store.arena.front() is None:
+            from .node import count_misses
+            count_misses(store, group, count)
             raise NotFound(f"{group}/{key} is not cached, and segment {self.name!r} has "
                            f"no getter for {group!r} in this process and no front to load it")
-        store.counters.add(store.group_id(group), MISSES, -count)
 
     def _load_here(self, store, group, key, wait=True):
         """Load with this process's getter, once for every process of the host: the arena's
@@ -199,10 +211,10 @@ class Client:
         what was found and its ``failed`` {key: exception}. Other errors as ``get``."""
         wanted = distinct_keys(keys)
         found, missed = {}, []
-        peek = self.peek
+        read = self._read                   # misses: counted where they are answered
         for index, key in enumerate(wanted):
             try:
-                value = peek(group, key)
+                value = read(group, key)
             except SegmentNotFound:
                 missed += wanted[index:]
                 with self._without_segment():
@@ -226,6 +238,8 @@ class Client:
             return many_result(group, found, failed)
         store = self._attachment.current
         if store is not None and store.arena.front() is None:
+            from .node import count_misses
+            count_misses(store, group, len(missed))
             return found                    # nothing here can load them: absent
         self._miss_to_front(group, missed[0], count=len(missed))
         return self._fetch_many(group, missed, found)
@@ -408,7 +422,7 @@ class Client:
     def close(self) -> None:
         """Detach (idempotent). Every later call, through this client or a reference to its
         ``peek``, raises ClientClosed."""
-        self.peek = self._peek_closed
+        self.peek = self._read = self._peek_closed
         if self._attachment is not None:
             self._attachment.close(self._peek_closed)
         self._front.close()

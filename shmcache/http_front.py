@@ -16,7 +16,7 @@ Routes (DESIGN.md):
     DELETE <base>/<group>/<key>      peer-side remove; answers "deleted" or "absent"
     DELETE <base>/<group>            peer-side flush of this host only; answers "cleared"
     GET    /healthz, /stats, /metrics
-    POST   /cache/<group>?op=get     batches, JSON bodies (below)
+    POST   /cache/<group>?op=get     batches, JSON bodies (http_batch.py)
     POST   /cache/<group>?op=set
     POST   /cache/<group>?op=delete
 
@@ -35,53 +35,30 @@ values as GET does, unmarked.
 ``<group>`` and ``<key>`` are percent-escaped by the sender (``quote(s, safe="")``) and
 decoded here with ``unquote`` (never ``unquote_plus``); the key may contain ``/``.
 Every error is a short text body with a 4xx/5xx status; a worker never sends a traceback.
+DELETE /cache/<group> is the flush (a write, so it needs the token); GET and PUT of
+/cache/<group> answer 400.
 
-Batches (``Content-Type: application/json``; values travel as base64):
-
-    op=get     {"keys": ["k1", "k2", "k3"]}
-               -> 200 {"values": {"k1": "<base64>"}, "missing": ["k2"],
-                       "errors": {"k3": {"status": 500, "reason": "..."}}}
-               Each key is answered as a single GET would be: a hit from memory, a miss
-               loaded (all at once, each through the host-wide singleflight, from its owner
-               on a cluster); absent keys are "missing"; a failed load is in "errors" with
-               the status its GET would have had (500 load error, 502 peer unavailable,
-               504 timeout). The answer comes when every load is done. A read: it needs the
-               token only with --token-reads.
-    op=set     {"items": {"k1": "<base64>"}, "ttl": 60}          (ttl optional, seconds > 0)
-               -> 200 {"stored": N}; 413 if any value is too large (nothing is stored);
-               on a cluster each key goes to its owner as a PUT would, and if a peer failed:
-               502 {"stored": N, "failed_peers": [url, ...], "peer_errors": {url: reason}}
-               (N: keys stored on their owner).
-    op=delete  {"keys": ["k1", ...]}
-               -> 200 {"deleted": ["k1"]}: the keys that were there (on a cluster, as the
-               DELETE of one key answers: removed here, or the owner acknowledged); 502 as
-               for set.
-
-At most MAX_BATCH_KEYS (10,000) keys a request, each valid as in a single request (1 to
---max-key-bytes UTF-8 bytes); a key given twice is answered once. A POST body may be 64 MiB
-(more if --max-item-size needs it: batch.max_batch_body), else 413. Unknown group: 404. A
-missing or unknown op, malformed JSON, a wrong shape, unknown fields, bad base64 or a bad
-ttl: 400. Writes need the token. DELETE /cache/<group> is the flush (a write, so it needs
-the token too); GET and PUT of /cache/<group> answer 400.
+The front only translates: HTTP in, a call of its ``Node`` (node.py: the Get path, and the
+writes), HTTP out.
 """
 
 import hmac
 import json
 import logging
 import re
-import threading
 import time
 from concurrent.futures import Future
 from urllib.parse import parse_qs, unquote
 
-from .batch import MAX_BATCH_KEYS, OPS, b64, unb64
-from .errors import (InvalidKey, LoadError, LoadTimeout, NotFound, PeerUnavailable, UnknownGroup,
-                     ValueTooLarge)
+from .errors import InvalidKey, LoadError, NotFound, ValueTooLarge
 from .httpserver import error, render
 from .arena import MAX_KEY_BYTES
 from .lru_index import encode_key
 from .validate import GROUP_NAME_RULE, is_group_name, positive_ttl
-from .metrics import SERVER_REQUESTS, prometheus_text
+from .futures import then
+from .http_batch import JSON, BatchRoutes, _batch_op, _json_body, _query, load_status
+from .metrics import prometheus_text
+from .node import StaleHit
 from .reader import NOT_FOUND
 from .stale import stale_headers
 from .wire import PROTOBUF, decode_set_request, encode_get_response
@@ -90,7 +67,6 @@ log = logging.getLogger("shmcache")
 
 OCTETS = b"application/octet-stream"
 METRICS = b"text/plain; version=0.0.4; charset=utf-8"
-JSON = b"application/json"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -115,66 +91,7 @@ def _unescape(part, whole):
         raise BadPath("path is not valid UTF-8 once unescaped") from None
 
 
-def then(future, transform):
-    """A Future of ``transform(future)``, called when ``future`` is done. ``transform`` may
-    return a Future itself: its outcome is passed on."""
-    result = Future()
-
-    def finish(done):
-        try:
-            value = transform(done)
-        except BaseException as exc:          # transform bugs surface as a 500 upstream
-            result.set_exception(exc)
-            return
-        if isinstance(value, Future):
-            value.add_done_callback(lambda inner: settle(result, inner))
-        else:
-            result.set_result(value)
-    future.add_done_callback(finish)
-    return result
-
-
-def settle(result, done):
-    """Pass the outcome of the Future ``done`` on to the Future ``result``."""
-    exc = done.exception()
-    if exc is not None:
-        result.set_exception(exc)
-    else:
-        result.set_result(done.result())
-
-
-def all_done(futures):
-    """A Future of ``futures`` (a list), done when every one of them is."""
-    result = Future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def one_done(_done):
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            result.set_result(futures)
-    if not futures:
-        result.set_result(futures)
-    for future in futures:
-        future.add_done_callback(one_done)
-    return result
-
-
-_LOAD_STATUS = ((NotFound, 404), (UnknownGroup, 404), (PeerUnavailable, 502),
-                (LoadTimeout, 504), (LoadError, 500))
-
-
-def load_status(exc):
-    """The status a GET answers for a load that raised ``exc``; None for an unexpected one."""
-    for kind, status in _LOAD_STATUS:
-        if isinstance(exc, kind):
-            return status
-    return None
-
-
-class Front:
+class Front(BatchRoutes):
     """Routes requests to a ``Node``."""
 
     def __init__(self, node, base_path="/_kcache/", token=None, token_reads=False,
@@ -282,16 +199,14 @@ class Front:
         node = self.node
         if method in ("GET", "HEAD"):
             head = method == "HEAD"
-            hit = node.peek(group, key)
-            if hit is NOT_FOUND:
+            answer = node.get(group, key)
+            if answer.__class__ is tuple:                  # a fresh hit
+                return render(200, answer[0], content_type=OCTETS, head=head)
+            if answer is NOT_FOUND:
                 return _not_found(group, key)
-            if hit is not None:
-                return render(200, hit[0], content_type=OCTETS, head=head)
-            hit = node.peek_stale(group, key)
-            if hit is not None:
-                return self._value_answer(group, hit[0], hit[1], head)
-            return then(node.get_future(group, key),
-                        lambda done: self._user_answer(done, group, key, head))
+            if answer.__class__ is StaleHit:
+                return self._value_answer(group, answer[0], answer[1], head)
+            return then(answer, lambda done: self._user_answer(done, group, key, head))
         if method == "PUT":
             try:
                 ttl = self._ttl(request.query)
@@ -375,105 +290,7 @@ class Front:
             return error(400, str(exc))
         if op == "get":
             return self._batch_get(group, keys)
-        node = self.node
-        if not node.clustered:
-            return then(node.pool.submit(node.store.delete_many, group, keys), lambda done:
-                        _json_answer(200, {"deleted": [key for key, there in
-                                                       zip(keys, done.result()) if there]}))
-        return then(all_done(node.run_all(node.delete_everywhere, [(group, k) for k in keys])),
-                    lambda done: self._cluster_batch_answer(done, keys, "deleted"))
-
-    def _batch_keys(self, document):
-        """The distinct keys of a {"keys": [...]} body, in order; ValueError if malformed."""
-        return list(dict.fromkeys(self._keyed(document, "keys", list, '{"keys": [key, ...]}')))
-
-    def _keyed(self, document, field, kind, shape):
-        """``document[field]``, a ``kind`` of at most MAX_BATCH_KEYS valid keys (a list, or
-        a dict keyed by them); ValueError (naming ``shape``) or InvalidKey if not."""
-        keys = document.get(field)
-        if not isinstance(keys, kind):
-            raise ValueError(f"the body must be {shape}")
-        if len(keys) > MAX_BATCH_KEYS:
-            raise ValueError(f"{len(keys)} keys; a batch holds at most {MAX_BATCH_KEYS}")
-        for key in keys:
-            self._check_key(key)
-        return keys
-
-    def _batch_get(self, group, keys):
-        """Hits answered from memory; the misses loaded at once, each as a single GET."""
-        node = self.node
-        values, pending, missing = {}, {}, []
-        for key in keys:
-            hit = node.peek(group, key)
-            if hit is NOT_FOUND:
-                missing.append(key)
-                continue
-            hit = hit or node.peek_stale(group, key)
-            if hit is not None:
-                values[key] = hit[0]
-            else:
-                pending[key] = node.get_future(group, key)
-        if not pending:
-            return self._batch_get_answer(values, {}, missing)
-        return then(all_done(list(pending.values())),
-                    lambda _done: self._batch_get_answer(values, pending, missing))
-
-    @staticmethod
-    def _batch_get_answer(values, pending, missing):
-        errors = {}
-        for key, future in pending.items():
-            try:
-                values[key] = future.result()[0]
-            except NotFound:
-                missing.append(key)
-            except Exception as exc:
-                status = load_status(exc)
-                if status is None:
-                    log.error("batch load of %r failed", key, exc_info=exc)
-                    status, exc = 500, "internal error"
-                errors[key] = {"status": status, "reason": str(exc)}
-        return _json_answer(200, {"values": {key: b64(value) for key, value in values.items()},
-                                  "missing": missing, "errors": errors})
-
-    def _batch_set(self, group, body):
-        """(On the pool.) The answer to a set batch, or a Future of it on a cluster."""
-        try:
-            document = _json_body(body, {"items", "ttl"})
-            items = self._keyed(document, "items", dict,
-                                '{"items": {key: base64 value, ...}, "ttl": seconds}')
-            items = {key: unb64(value) for key, value in items.items()}
-            ttl = document.get("ttl")
-            if ttl is not None:
-                if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-                    raise ValueError("ttl must be a positive number of seconds")
-                ttl = positive_ttl(ttl)
-            node = self.node
-            if not node.clustered:
-                node.store.set_many(group, items.items(), ttl)
-                return _json_answer(200, {"stored": len(items)})
-            node.store.check_fits_many(group, items.items())
-        except ValueTooLarge as exc:
-            return error(413, str(exc))
-        except (ValueError, InvalidKey) as exc:
-            return error(400, str(exc))
-        return then(all_done(node.run_all(node.set_everywhere, [(group, key, value, ttl)
-                                                                for key, value in items.items()])),
-                    lambda done: self._cluster_batch_answer(done, list(items), "stored"))
-
-    @staticmethod
-    def _cluster_batch_answer(done, keys, field):
-        """200 if every host did its part for every key, else 502 naming the failed peers.
-        ``field`` "stored": how many keys reached their owner; "deleted": which keys."""
-        outcomes = [future.result() for future in done.result()]
-        peer_errors = {}
-        for outcome in outcomes:
-            for url, reason in outcome["failed_peers"].items():
-                peer_errors.setdefault(url, reason)
-        succeeded = [key for key, outcome in zip(keys, outcomes) if outcome[field]]
-        answer = {field: len(succeeded) if field == "stored" else succeeded}
-        if peer_errors:
-            answer.update(failed_peers=sorted(peer_errors), peer_errors=peer_errors)
-        return _json_answer(502 if peer_errors else 200, answer)
+        return self._batch_delete(group, keys)
 
     # -- peer route ---------------------------------------------------------------------------
 
@@ -490,19 +307,17 @@ class Front:
             return answer.response
         node = self.node
         if method == "GET":
-            peek_only = parse_qs(request.query).get("peek") == ["1"]
-            node.store.count(group, SERVER_REQUESTS)
-            hit = node.peek(group, key)
-            if hit is NOT_FOUND:                 # remembered by this host, the owner
+            if parse_qs(request.query).get("peek") == ["1"]:   # from memory only (discovery.py)
+                answer = node.peek(group, key, from_peer=True)  # a peek refreshes nothing
+                if answer is None:
+                    return error(404, f"{group}/{key[:100]} is not held here")
+            else:
+                answer = node.get(group, key, from_peer=True)
+            if answer is NOT_FOUND:                 # remembered by this host, the owner
                 return _not_found(group, key)
-            if hit is None and not peek_only:     # a peek refreshes nothing: fresh values only
-                hit = node.peek_stale(group, key, from_peer=True)
-            if hit is not None:
-                return render(200, encode_get_response(hit[0], hit[1]), content_type=PROTOBUF)
-            if peek_only:                       # ?peek=1: from memory only (discovery.py)
-                return error(404, f"{group}/{key[:100]} is not held here")
-            return then(node.get_future(group, key, from_peer=True),
-                        lambda done: self._peer_answer(done, group, key))
+            if isinstance(answer, Future):
+                return then(answer, lambda done: self._peer_answer(done, group, key))
+            return render(200, encode_get_response(answer[0], answer[1]), content_type=PROTOBUF)
         if method == "PUT":
             try:
                 body_group, body_key, value, expire_at = decode_set_request(request.body)
@@ -538,48 +353,6 @@ def _cleared(done):
 
 def _not_found(group, key):
     return error(404, f"{group}/{key[:100]} not found")
-
-
-def _query(query, allowed):
-    """{name: [values]} of a query string; ValueError if malformed or a name not allowed."""
-    if not query:
-        return {}
-    try:
-        fields = parse_qs(query, strict_parsing=True, errors="strict")
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("malformed query string") from None
-    unknown = set(fields) - set(allowed)
-    if unknown:
-        raise ValueError(f"unknown query parameter {sorted(unknown)[0]!r}")
-    return fields
-
-
-def _batch_op(query):
-    """The op of a batch request's query string; ValueError unless exactly one known op."""
-    ops = _query(query, ("op",)).get("op")
-    if ops is None:
-        raise ValueError(f"POST /cache/<group> needs ?op={'|'.join(OPS)}")
-    if len(ops) != 1 or ops[0] not in OPS:
-        raise ValueError(f"op must be one of {', '.join(OPS)}")
-    return ops[0]
-
-
-def _json_body(body, fields):
-    """The JSON object of a request body with no field but ``fields``; ValueError if not."""
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        raise ValueError("the body is not valid JSON") from None
-    if not isinstance(document, dict):
-        raise ValueError("the body must be a JSON object")
-    unknown = set(document) - fields
-    if unknown:
-        raise ValueError(f"unknown field {sorted(unknown)[0]!r} in the body")
-    return document
-
-
-def _json_answer(status, document):
-    return render(status, json.dumps(document) + "\n", content_type=JSON)
 
 
 class _Answer(Exception):

@@ -24,7 +24,11 @@ found expired, so a fresh hit costs what it costs in any reader.
 
 A hit sets the item's CLOCK reference bit (outside the chunk, so a write that comes late,
 after the chunk changed hands, only sets a stray bit) and counts in the process's list
-(metrics.py). Layouts: layout.py.
+(metrics.py). The readers are the one exception to "node.py counts the Get path": a hit
+is counted where it is read, since a wrapper would cost as much as the hit. A reader made
+with ``count_misses=False`` leaves a miss to its caller, who counts it once it knows the
+get missed (node.py): it adds the miss to MISS_LEFT, a counter no figure reads. Layouts:
+layout.py.
 
 **Two readers, one behaviour.** ``make_reader`` builds the C reader of ``_native.c`` (built
 when the package is installed, if a compiler is there) and falls back to the pure-Python
@@ -46,17 +50,19 @@ from .errors import InvalidKey
 from .layout import (BUCKET_BYTES, GROUP, GROUP_RECORD_BYTES, ITEM, ITEM_HEADER_BYTES,
                      MAX_KEY_BYTES, REFBIT_GRANULE, STRIPE_BYTES)
 from .lru_index import _F64, _FRACTION, _HEAD, _U32, encode_key
-from .metrics import HITS, HOT_HITS, MISSES, NEGATIVE_HITS, PER_GROUP
+from .metrics import HITS, HOT_HITS, KINDS, MISSES, NEGATIVE_HITS, PER_GROUP
 from .slabs import STATE_LIVE, STATE_NEGATIVE
 
 # The pure-Python hit path spells these as literals, for speed, and _native.c the stripe
 # and bucket sizes: held to layout.py here.
 # counts[gid << 4 | kind]; bit = off >> 5; stripe and bucket offsets * 4; _HEAD from offset.
-if not (PER_GROUP == 16 and REFBIT_GRANULE == 32 and STRIPE_BYTES == BUCKET_BYTES == 4
+if not (PER_GROUP == 16 and len(KINDS) < PER_GROUP and REFBIT_GRANULE == 32
+        and STRIPE_BYTES == BUCKET_BYTES == 4
         and ITEM.chain == 0 and _HEAD.format == ITEM.struct("chain", "vlen").format):
     raise AssertionError("reader: a layout constant changed; the literals here did not")
 
 READ_ATTEMPTS = 32          # seqlock retries before a reader takes the lock
+MISS_LEFT = PER_GROUP - 1   # where a reader that leaves its misses uncounted adds them
 MAX_CHAIN = 64              # hops a lock-free reader walks before it asks for the lock
 
 
@@ -102,7 +108,7 @@ def native_writer():
 
 
 def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,
-                detour=None, stale=False, negative=None, native=None):
+                detour=None, stale=False, negative=None, native=None, count_misses=True):
     """The lock-free ``get(group, key)``: the C reader if ``native`` (default:
     ``native_wanted()``), else ``make_python_reader``'s closure; same arguments, same
     behaviour."""
@@ -119,13 +125,15 @@ def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_exp
                          f"the C reader is not built: {_native_missing}")
     if not native:
         return make_python_reader(index, group_ids, resolve_group, locked_lookup, counts,
-                                  with_expiry, detour, stale, negative)
+                                  with_expiry, detour, stale, negative, count_misses)
+    miss_kind = MISSES if count_misses else MISS_LEFT
     if _native is None:
         raise ImportError(f"the C reader is not built: {_native_missing}")
     return _native.Reader(
         index.buf, group_ids, index.seeds, resolve_group, locked_lookup, counts, detour,
         negative, encode_key, InvalidKey, xxhash.xxh3_64_intdigest,
-        {**native_layout(index), "negative_kind": MISSES if negative is None else NEGATIVE_HITS},
+        {**native_layout(index), "misses": miss_kind,
+         "negative_kind": miss_kind if negative is None else NEGATIVE_HITS},
         with_expiry, stale, XXH3_LIBRARY)
 
 
@@ -148,7 +156,7 @@ def native_layout(index):
 
 
 def make_python_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,
-                       detour=None, stale=False, negative=None):
+                       detour=None, stale=False, negative=None, count_misses=True):
     """Build the lock-free ``get(group, key) -> bytes | None`` as one closure (the hit path
     costs about a microsecond of Python, so every constant is a local and there is no
     inner call). ``group_ids`` maps names to ids; ``resolve_group(name)`` fills it, raises,
@@ -165,8 +173,10 @@ def make_python_reader(index, group_ids, resolve_group, locked_lookup, counts, w
     the walk finds it as it finds a value) is told apart only after a hit is validated,
     by the one comparison a hit already made to count hot copies: a plain hit pays
     nothing for it. It answers ``negative``, counted as a negative hit; with the default
-    None it is an ordinary miss (a peek: whoever loads the key next finds it)."""
-    negative_kind = MISSES if negative is None else NEGATIVE_HITS
+    None it is an ordinary miss (a peek: whoever loads the key next finds it).
+    ``count_misses=False``: a miss is added to MISS_LEFT instead, left to the caller."""
+    miss_kind = MISSES if count_misses else MISS_LEFT
+    negative_kind = miss_kind if negative is None else NEGATIVE_HITS
     buf, seeds, nbuckets, nstripes = index.buf, index.seeds, index.nbuckets, index.nstripes
     stripes_off, buckets_off, refbits_off = index.stripes_off, index.buckets_off, index.refbits_off
     low = index.pages_off
@@ -219,12 +229,12 @@ def make_python_reader(index, group_ids, resolve_group, locked_lookup, counts, w
             if not found:
                 if hops == MAX_CHAIN:
                     break
-                counts[gid << 4 | MISSES] += 1
+                counts[gid << 4 | miss_kind] += 1
                 return None
             if seconds and seconds + frac * _FRACTION <= now():
                 if not stale or (seconds + frac * _FRACTION
                                  + unpack_f64(buf, stale_off + gid * GROUP_RECORD_BYTES)[0] <= now()):
-                    counts[gid << 4 | MISSES] += 1
+                    counts[gid << 4 | miss_kind] += 1
                     return None
             bit = (found - low) >> 5                # REFBIT_GRANULE = 32 (checked at import)
             byte_off = refbits_off + (bit >> 3)
@@ -241,7 +251,7 @@ def make_python_reader(index, group_ids, resolve_group, locked_lookup, counts, w
                 return value, (seconds + frac * _FRACTION if seconds else None), state != STATE_LIVE
             return value
         found = locked_lookup(gid, key, with_expiry, negative)
-        counts[gid << 4 | (MISSES if found is None else
+        counts[gid << 4 | (miss_kind if found is None else
                            negative_kind if found is negative else HITS)] += 1
         return found
     return get

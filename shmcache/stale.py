@@ -13,35 +13,18 @@ key" removes the stale value. Past the window the entry is gone as any expired o
 Plain reads (``peek``, the lock-free ``Store.get``) never see stale values: they do not
 start refreshes. The stale-aware read is ``Store.get_stale``, looked at only after a plain
 read missed, so a fresh hit costs what it always did.
+
+What a stale hit and a refresh count, and the refresh itself: node.py (``stale_or_miss``,
+``refresh``), where the Get path is counted. Here: the window's arithmetic, the headers,
+and the refreshes in flight.
 """
 
-import logging
 import math
 import threading
 import time
 
-from .errors import LoadError, NotFound
-from .metrics import HITS, MISSES, REFRESH_ERRORS, STALE_HITS
-
-log = logging.getLogger("shmcache")
 
 STALE_HEADER = ("X-Cache", "stale")
-
-
-def stale_hit(store, group, key):
-    """(value, expiry, hot) of ``key`` if its entry is within its group's stale window
-    (or was refreshed a moment ago), else None. The plain read that missed before this one
-    counted a miss; a value found here counts as a hit (a stale one as a stale hit too).
-    The caller answers it and starts a refresh."""
-    found = store.get_stale(group, key)
-    if found is None:
-        return None
-    add, gid = store.counters.add, store.group_id(group)
-    add(gid, MISSES, -1)
-    add(gid, HITS)
-    if is_stale(found[1]):
-        add(gid, STALE_HITS)
-    return found
 
 
 def is_stale(expiry, now=None):
@@ -57,29 +40,6 @@ def stale_headers(ttl, expiry, now=None):
     if not is_stale(expiry, now):
         return ()
     return (STALE_HEADER, ("Age", str(math.floor((ttl or 0) + now - expiry))))
-
-
-def refresh(store, group, key, load):
-    """Run ``load()``, the reload of the stale value of ``key`` in ``group`` (a Group),
-    which stores what it loads. Never raises an Exception: a failure is counted (and logged,
-    unless it is the getter's, which its group logged), and the stale value stays; NotFound
-    drops it."""
-    try:
-        load()
-    except NotFound:
-        try:
-            store.drop_stale(group.name, key)
-        except Exception as exc:                       # the segment went away meanwhile
-            log.info("group %s: could not drop the stale value of %r: %s", group.name,
-                     key[:200], exc)
-    except Exception as exc:
-        try:
-            store.count(group.name, REFRESH_ERRORS)
-        except Exception:                               # the segment went away meanwhile
-            pass
-        if not isinstance(exc, LoadError):             # a getter's failure is logged already
-            log.warning("group %s: refreshing the stale value of %r failed: %s: %s",
-                        group.name, key[:200], type(exc).__name__, exc)
 
 
 class Refreshes:

@@ -107,9 +107,15 @@ class Store:
         resolve, locked = self._reader_group_id, self._locked_get
         self.get = make_reader(self.index, self._group_ids, resolve, locked, counts,
                                detour=self._take_detour)
+        # The Get path's reads: a hit counts, a miss is left to whoever answers it (node.py):
+        # get_leaving_miss is a client's get (its miss goes to a front, or its own getter),
+        # get_with_expiry a worker's (Node.get).
+        self.get_leaving_miss = make_reader(self.index, self._group_ids, resolve, locked,
+                                            counts, detour=self._take_detour_leaving_miss,
+                                            count_misses=False)
         self.get_with_expiry = make_reader(self.index, self._group_ids, resolve, locked, counts,
                                            with_expiry=True, detour=self._refuse_detour,
-                                           negative=NOT_FOUND)
+                                           negative=NOT_FOUND, count_misses=False)
         # The same, uncounted: a second look inside one get must not count as another get.
         self.recheck = make_reader(self.index, self._group_ids, resolve, locked,
                                    [0] * len(counts), with_expiry=True,
@@ -117,7 +123,7 @@ class Store:
         # get_stale: as recheck, but an entry past its expiry and within its group's stale
         # window is found too (its expiry, in the past, says so); a remembered not-found is
         # absent to it. Uncounted: the caller looks after a plain read missed, and counts
-        # what it serves (stale.py).
+        # what it serves (node.stale_or_miss).
         self.get_stale = make_reader(self.index, self._group_ids, resolve, self._locked_get_stale,
                                      [0] * len(counts), with_expiry=True,
                                      detour=self._refuse_detour, stale=True)
@@ -218,6 +224,12 @@ class Store:
         detour = self.detour
         if detour is None:                # undiverted meanwhile: read this segment after all
             return self.get(group, key)
+        return detour(group, key)
+
+    def _take_detour_leaving_miss(self, group, key):
+        detour = self.detour              # (a diverted read goes where a peek goes)
+        if detour is None:
+            return self.get_leaving_miss(group, key)
         return detour(group, key)
 
     def _refuse_detour(self, group, key):

@@ -1,4 +1,4 @@
-"""The Get path of a Node (worker.py) against a fake peer picker, as golang/groupcache's
+"""The Get path of a Node (node.py) against a fake peer picker, as golang/groupcache's
 ``fakePeers``: no processes and no sockets. The Node runs over a segment made with
 ``shmcache.create`` and a thread pool; its picker's ``owner_of`` hands out fake peers that
 record what they are asked and answer with a value or an error.
@@ -16,7 +16,7 @@ import pytest
 from shmcache import Group
 from shmcache.errors import LoadError, NotFound, PeerUnavailable
 from shmcache.peers import PeerError, PeerHealth, PeerPicker, Peers
-from shmcache.worker import Node, NoPeers
+from shmcache.node import Node, NoPeers
 
 pytestmark = pytest.mark.unit
 
@@ -305,3 +305,79 @@ def test_peers_skips_a_suspect_owner_and_takes_it_back_once_it_answers(real_peer
     assert real_peers.owner_url(key) == OTHER
     real_peers.health.succeeded(OTHER)
     assert real_peers.owner_of(key).url == OTHER
+
+
+def test_a_node_uses_no_member_of_its_picker_the_protocol_does_not_name():
+    """Every ``self.peers.<name>`` of node.py and cluster_writes.py is in the protocol, so
+    a picker implementing the protocol (the test above) has all that a Node asks of it."""
+    import ast
+    from pathlib import Path
+
+    import shmcache
+    used = set()
+    for module in ("node.py", "cluster_writes.py"):
+        source = (Path(shmcache.__file__).parent / module).read_text()
+        for found in ast.walk(ast.parse(source)):
+            if (isinstance(found, ast.Attribute) and isinstance(found.value, ast.Attribute)
+                    and found.value.attr == "peers" and isinstance(found.value.value, ast.Name)
+                    and found.value.value.id == "self"):
+                used.add(found.attr)
+    assert used and used <= protocol_members(), used - protocol_members()
+
+
+# -- counting: each get once, in node.py (the reader counts the hits it reads) ---------------
+
+def group_counts(node, group="g"):
+    from shmcache.metrics import host_stats
+    return host_stats(node.store)["groups"][group]
+
+
+def test_a_node_counts_each_get_once(node_for):
+    node, getter = node_for()
+    assert node.get("g", "k").result(timeout=10)[0] == b"local:k"      # a miss, loaded
+    assert node.get("g", "k")[0] == b"local:k"                          # a hit
+    assert node.peek("g", "absent") is None                             # a peek that missed
+    counts = group_counts(node)
+    assert (counts["gets"], counts["hits"], counts["misses"]) == (3, 1, 2)
+    assert (counts["loads"], counts["loads_deduped"], counts["local_loads"]) == (1, 1, 1)
+    assert counts["server_requests"] == 0
+    node.get("g", "k", from_peer=True)
+    node.peek("g", "k", from_peer=True)
+    assert group_counts(node)["server_requests"] == 2
+
+
+def test_a_stale_answer_counts_as_a_hit_and_a_stale_hit_not_as_a_miss(make_cache):
+    import time
+
+    from shmcache.node import StaleHit
+    cache = make_cache()
+    cache.define_group("s", 1 << 20, ttl=5, stale=60)
+    store = cache._live_store()
+    release = threading.Event()
+
+    def getter(key):
+        assert release.wait(10)
+        return b"new"
+    node = Node(store, [Group("s", 1 << 20, getter=getter, ttl=5, stale=60)],
+                ThreadPoolExecutor(max_workers=2))
+    try:
+        store.set("s", "k", b"old", expire_at=time.time() - 1)
+        answer = node.get("s", "k")
+        assert answer.__class__ is StaleHit and bytes(answer[0]) == b"old"
+        counts = group_counts(node, "s")
+        assert (counts["gets"], counts["hits"], counts["stale_hits"], counts["misses"]) == \
+            (1, 1, 1, 0)
+    finally:
+        release.set()
+        node.pool.shutdown(wait=True)
+        node.fanout.shutdown(wait=True)
+
+
+def test_a_client_with_its_own_getter_counts_its_miss_once(segment_name):
+    import shmcache
+    group = Group("own", "1MiB", lambda key: b"v", ttl=300)
+    with shmcache.create(segment_name, "8MiB", groups=[group]) as cache:
+        assert cache.get("own", "k") == b"v" and cache.get("own", "k") == b"v"
+        assert cache.get_many("own", ["k", "j"]) == {"k": b"v", "j": b"v"}
+        counts = cache.stats()["groups"]["own"]
+        assert (counts["gets"], counts["hits"], counts["misses"]) == (4, 2, 2)

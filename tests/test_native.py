@@ -35,7 +35,8 @@ def test_the_reader_in_use_is_the_one_asked_for(make_cache):
     assert reader._native is not None, (
         f"the C reader was not built ({reader._native_missing}); reinstall with a C compiler "
         f"and Python headers, or set SHMCACHE_PURE_PYTHON=1 to test the pure-Python reader")
-    for get in (store.get, store.get_with_expiry, store.recheck, store.get_stale):
+    for get in (store.get, store.get_leaving_miss, store.get_with_expiry, store.recheck,
+                store.get_stale):
         assert type(get) is reader._native.Reader
         if not get.xxh3_direct:          # slower, not wrong: it calls xxh3_64_intdigest
             warnings.warn(f"the C reader calls xxhash through Python ({reader.XXH3_LIBRARY})")
@@ -69,6 +70,28 @@ def test_without_the_c_reader_reads_are_pure_python_and_say_so_once(
         make_reader(cache._store.index, {}, None, None, [], native=True)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_reader_leaving_its_misses_counts_its_hits_only(make_cache, native):
+    if native and reader._native is None:
+        pytest.skip("the C reader is not built")
+    from shmcache.metrics import HITS, MISSES, NEGATIVE_HITS, PER_GROUP
+    cache = make_cache()
+    store = cache._store
+    store.set("g", "k", b"v")
+    store.remember_not_found("g", "gone", 300)
+    gid = store.group_id("g")
+    for kind in ("get_leaving_miss", "with_expiry"):
+        counts = [0] * len(store.counters.values)
+        get = make_reader(store.index, dict(store._group_ids), store._reader_group_id,
+                          store._locked_get, counts, native=native, **KINDS[kind])
+        for key in ("k", "absent", "gone"):
+            get("g", key)
+        mine = counts[gid * PER_GROUP:(gid + 1) * PER_GROUP]
+        assert (mine[HITS], mine[MISSES]) == (1, 0), kind
+        assert mine[NEGATIVE_HITS] == (1 if kind == "with_expiry" else 0), kind
+        assert mine[reader.MISS_LEFT] == (2 if kind == "get_leaving_miss" else 1), kind
+
+
 # -- the two readers on the same memory ---------------------------------------------------
 
 class Calls:
@@ -93,9 +116,11 @@ class Calls:
         return ("detour", group, key)
 
 
-KINDS = {   # name: make_reader keywords (as store.py builds its four readers)
+KINDS = {   # name: make_reader keywords (as store.py builds its readers)
     "get": {},
-    "with_expiry": {"with_expiry": True, "negative": NOT_FOUND},
+    "get_leaving_miss": {"count_misses": False},
+    "with_expiry": {"with_expiry": True, "negative": NOT_FOUND, "count_misses": False},
+    "with_expiry_counted": {"with_expiry": True, "negative": NOT_FOUND},
     "stale": {"with_expiry": True, "stale": True},
 }
 

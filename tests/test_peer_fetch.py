@@ -12,7 +12,7 @@ from concurrent.futures import Future
 import pytest
 
 from shmcache.errors import NotFound, PeerUnavailable
-from shmcache.http_front import then
+from shmcache.futures import then
 from shmcache.wire import PROTOBUF, encode_get_response
 from shmcache.http_messages import error, render
 from shmcache.httpserver import HttpServer
