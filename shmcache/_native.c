@@ -19,6 +19,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <dlfcn.h>
 #include <sched.h>
 #include <stddef.h>
@@ -605,21 +606,256 @@ static PyTypeObject ReaderType = {
     .tp_getset = reader_getset,
 };
 
+
+/* -- the write step of an in-place rewrite (lru_index.Index._rewrite), in C ----------------
+ *
+ * Only for the holder of the write lock, inside a journal step (store.py's ``locked``), with
+ * the item's stripe already odd. The same stores as the Python method, in the same order,
+ * each journaled one recorded before it is made; a compiler barrier between stores keeps
+ * that order (x86-64 keeps it in hardware), so a writer killed anywhere leaves what a killed
+ * Python writer would leave: the journal undoes the open step, and an item left in
+ * STATE_WRITING is absent to readers. Every constant comes from Python (lru_index.py). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *buf;               /* the arena's mmap */
+    PyObject *journal_full;      /* journal.JournalFull */
+    PyObject *pause;             /* tests: called with "w64" / "checkpoint" before each */
+    Py_ssize_t log_start, log_end, entry_bytes, e_word, e_old, e_step, tx_active, tx_seq;
+    Py_ssize_t item_header_bytes, o_word0, o_klen, o_gid, o_expiry, groups_off, group_record_bytes;
+    Py_ssize_t g_sets, refbits_off, pages_off, refbit_granule;
+    uint64_t keep_mask, state_writing;
+} Writer;
+
+static inline uint64_t
+get_u64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline void
+put_u64(uint8_t *p, uint64_t v)
+{
+    memcpy(p, &v, 8);
+}
+
+static int
+pause_before(Writer *self, const char *what)
+{
+    /* The crash tests freeze a writer before its N-th journaled write or checkpoint, as
+     * they patch journal.Journal's methods for the Python rewrite; None: no call. */
+    if (self->pause == NULL || self->pause == Py_None)
+        return 0;
+    PyObject *result = PyObject_CallFunction(self->pause, "s", what);
+    Py_XDECREF(result);
+    return result == NULL ? -1 : 0;
+}
+
+static PyObject *
+writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* rewrite(offset, value, seconds, state_and_frac, pos, step) -> the step now open.
+     * Python then sets the journal's pos to its start + one entry, and its step to this. */
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "rewrite() takes 6 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[0]);
+    unsigned long long seconds = PyLong_AsUnsignedLongLong(args[2]);
+    unsigned long long state_frac = PyLong_AsUnsignedLongLong(args[3]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[4]);
+    unsigned long long step = PyLong_AsUnsignedLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer value, arena;
+    if (PyObject_GetBuffer(args[1], &value, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(self->buf, &arena, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&value);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint8_t *buf = arena.buf;
+    Py_ssize_t size = arena.len;
+    if (offset < self->pages_off || (offset + self->o_word0) & 7
+            || offset + self->item_header_bytes > size) {
+        PyErr_Format(PyExc_ValueError, "rewrite: item offset %zd out of bounds", offset);
+        goto done;
+    }
+    Py_ssize_t start = offset + self->item_header_bytes + buf[offset + self->o_klen];
+    Py_ssize_t gid = buf[offset + self->o_gid];
+    Py_ssize_t sets = self->groups_off + gid * self->group_record_bytes + self->g_sets;
+    if (start + value.len > size || sets + 8 > size || self->tx_seq + 8 > size) {
+        PyErr_Format(PyExc_ValueError, "rewrite: value of item %zd out of bounds", offset);
+        goto done;
+    }
+    if (pos + self->entry_bytes > self->log_end) {
+        PyErr_Format(self->journal_full, "journal step exceeded its log");
+        goto done;
+    }
+    uint8_t *word0 = buf + offset + self->o_word0;
+    uint64_t word = get_u64(word0) & self->keep_mask;
+    if (pause_before(self, "w64") < 0)
+        goto done;
+    /* journal.w64(offset, word | STATE_WRITING << 32): the entry (step id last), then the word */
+    put_u64(buf + pos + self->e_word, (uint64_t)(offset + self->o_word0));
+    put_u64(buf + pos + self->e_old, get_u64(word0));
+    BARRIER();
+    put_u64(buf + pos + self->e_step, step);
+    BARRIER();
+    put_u64(word0, word | self->state_writing << 32);
+    BARRIER();
+    if (pause_before(self, "checkpoint") < 0)
+        goto done;
+    /* journal.checkpoint(): the active id moves to a new one in one store, then the seq */
+    step = get_u64(buf + self->tx_seq) + 1;
+    put_u64(buf + self->tx_active, step);
+    BARRIER();
+    put_u64(buf + self->tx_seq, step);
+    BARRIER();
+    /* the value and the expiry seconds: not journaled (the item is WRITING, readers skip it) */
+    memcpy(buf + start, value.buf, value.len);
+    uint32_t secs = (uint32_t)seconds;
+    memcpy(buf + offset + self->o_expiry, &secs, 4);
+    BARRIER();
+    if (pause_before(self, "w64") < 0)
+        goto done;
+    /* journal.w64(offset, word | state_and_frac << 32): readable again */
+    pos = self->log_start;
+    put_u64(buf + pos + self->e_word, (uint64_t)(offset + self->o_word0));
+    put_u64(buf + pos + self->e_old, get_u64(word0));
+    BARRIER();
+    put_u64(buf + pos + self->e_step, step);
+    BARRIER();
+    put_u64(word0, word | (uint64_t)state_frac << 32);
+    BARRIER();
+    /* an update is a reference: the CLOCK bit; and the group's set counter */
+    Py_ssize_t bit = (offset - self->pages_off) / self->refbit_granule;
+    Py_ssize_t byte = self->refbits_off + (bit >> 3);
+    if (byte < size)
+        buf[byte] |= (uint8_t)(1 << (bit & 7));
+    put_u64(buf + sets, get_u64(buf + sets) + 1);
+    result = PyLong_FromUnsignedLongLong(step);
+done:
+    PyBuffer_Release(&arena);
+    PyBuffer_Release(&value);
+    return result;
+}
+
+static Py_ssize_t
+constant(PyObject *constants, const char *name)
+{
+    PyObject *value = PyDict_GetItemString(constants, name);     /* borrowed */
+    if (value == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_KeyError, "Writer: constant %s missing", name);
+        return -1;
+    }
+    return PyLong_AsSsize_t(value);
+}
+
+static PyObject *
+writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *buf, *constants, *journal_full;
+    if (!PyArg_ParseTuple(args, "OO!O:Writer", &buf, &PyDict_Type, &constants, &journal_full))
+        return NULL;
+    Writer *self = (Writer *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->buf = Py_NewRef(buf);
+    self->journal_full = Py_NewRef(journal_full);
+    struct { const char *name; Py_ssize_t *slot; } fields[] = {
+        {"log_start", &self->log_start}, {"log_end", &self->log_end},
+        {"entry_bytes", &self->entry_bytes}, {"e_word", &self->e_word},
+        {"e_old", &self->e_old}, {"e_step", &self->e_step}, {"tx_active", &self->tx_active},
+        {"tx_seq", &self->tx_seq}, {"item_header_bytes", &self->item_header_bytes},
+        {"o_word0", &self->o_word0},
+        {"o_klen", &self->o_klen}, {"o_gid", &self->o_gid}, {"o_expiry", &self->o_expiry},
+        {"groups_off", &self->groups_off}, {"group_record_bytes", &self->group_record_bytes},
+        {"g_sets", &self->g_sets}, {"refbits_off", &self->refbits_off},
+        {"pages_off", &self->pages_off}, {"refbit_granule", &self->refbit_granule},
+    };
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
+        *fields[i].slot = constant(constants, fields[i].name);
+        if (*fields[i].slot < 0) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "Writer: constant %s negative", fields[i].name);
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
+    Py_ssize_t state_writing = constant(constants, "state_writing");
+    PyObject *mask = PyDict_GetItemString(constants, "keep_mask");
+    if (state_writing < 0 || mask == NULL || self->refbit_granule == 0
+            || self->e_word + 8 > self->entry_bytes || self->e_old + 8 > self->entry_bytes
+            || self->e_step + 8 > self->entry_bytes || self->o_word0 + 8 > self->item_header_bytes) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "Writer: bad constants");
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->state_writing = (uint64_t)state_writing;
+    self->keep_mask = PyLong_AsUnsignedLongLongMask(mask);
+    if (PyErr_Occurred()) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void
+writer_dealloc(Writer *self)
+{
+    Py_XDECREF(self->buf);
+    Py_XDECREF(self->journal_full);
+    Py_XDECREF(self->pause);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef writer_methods[] = {
+    {"rewrite", (PyCFunction)(void (*)(void))writer_rewrite, METH_FASTCALL,
+     "rewrite(offset, value, seconds, state_and_frac, pos, step): lru_index's in-place "
+     "rewrite step; returns the journal step left open"},
+    {NULL},
+};
+
+static PyMemberDef writer_members[] = {
+    {"pause", T_OBJECT, offsetof(Writer, pause), 0,
+     "tests: a callable called with \"w64\" or \"checkpoint\" before each journaled store"},
+    {NULL},
+};
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmcache._native.Writer",
+    .tp_doc = "Writer(buf, constants, JournalFull): lru_index.py's in-place rewrite, in C",
+    .tp_basicsize = sizeof(Writer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = writer_new,
+    .tp_dealloc = (destructor)writer_dealloc,
+    .tp_methods = writer_methods,
+    .tp_members = writer_members,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "shmcache._native",
-    "reader.py's lock-free read path, in C (optional).", -1, NULL,
+    "reader.py's lock-free read path and lru_index.py's in-place rewrite, in C (optional).", -1, NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__native(void)
 {
     ONE = PyLong_FromLong(1);
-    if (ONE == NULL || PyType_Ready(&ReaderType) < 0)
+    if (ONE == NULL || PyType_Ready(&ReaderType) < 0 || PyType_Ready(&WriterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Reader", (PyObject *)&ReaderType) < 0) {
+    if (PyModule_AddObjectRef(m, "Reader", (PyObject *)&ReaderType) < 0
+            || PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -38,7 +38,8 @@ from .front_client import (batch_path, distinct_keys, fetch_answer, front_key, f
                            write_answer)
 from .handles import connect as _connect, create as _create
 from .lru_index import encode_key
-from .store import Store, check_ttl, encode_value
+from .store import Store
+from .validate import check_ttl, encode_value
 
 IDLE_CONNECTIONS = 8      # kept-alive connections to the front kept per event loop
 MAX_CONNECTIONS = 64      # open at once per event loop; more requests wait for one

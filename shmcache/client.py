@@ -29,7 +29,8 @@ from .layout import HEADER
 from .lru_index import encode_key
 from .metrics import host_stats
 from .stale import Refreshes
-from .store import Store, check_ttl, encode_value
+from .store import Store
+from .validate import check_ttl, encode_value
 
 DEFAULT_TIMEOUT = 35.0        # a little over the front's default load timeout
 

@@ -66,7 +66,7 @@ from .group import Group
 from .handles import connect, create
 from .layout import HEADER
 from .locks import LockFile
-from .store import decimal_value
+from .atomic_ops import decimal_value
 from .units import parse_size
 from .validate import MAX_SECONDS
 

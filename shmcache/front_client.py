@@ -15,7 +15,7 @@ from urllib.parse import quote
 from . import batch
 from .errors import (AuthError, InvalidArgument, InvalidKey, LoadError, LoadTimeout, NotFound,
                      PeerUnavailable, UnknownGroup, ValueTooLarge)
-from .store import check_ttl, encode_value
+from .validate import check_ttl, encode_value
 from .tls import NamedHTTPSConnection, TlsFilesError, client_context, trust_of, verify_problem
 
 

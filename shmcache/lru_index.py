@@ -33,7 +33,7 @@ import xxhash
 from .errors import InvalidArgument, ValueTooLarge
 from .index_audit import audit, group_figures, groups_by_share
 from .layout import (BUCKET_BYTES, GROUP, GROUP_RECORD_BYTES, HEADER, ITEM, ITEM_HEADER_BYTES,
-                     ITEM_WORD0, REFBIT_GRANULE, STRIPE_BYTES)
+                     ITEM_WORD0, LOG_ENTRY, REFBIT_GRANULE, STRIPE_BYTES)
 from .validate import check_value_size, encode_key  # noqa: F401 (encode_key: its old home)
 from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, STATE_WRITING
 
@@ -101,6 +101,25 @@ class Index:
         self.seeds = [(seed + gid * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
                       for gid in range(lay.max_groups)]
         self._marked = []                    # stripe counters this write section made odd
+        self.native_writer = None            # the C twin of _rewrite (use_native_writer)
+        self._native_rewrite = None
+
+    def use_native_writer(self, writer_type, journal_full):
+        """Rewrite in place with ``writer_type`` (shmcache._native.Writer): the same stores
+        as ``_rewrite``, in the same order, in C. Constants come from here."""
+        journal = self.journal
+        writer = writer_type(self.buf, {
+            "log_start": journal.start, "log_end": journal.end, "entry_bytes": LOG_ENTRY.nbytes,
+            "e_word": LOG_ENTRY.word, "e_old": LOG_ENTRY.old, "e_step": LOG_ENTRY.step,
+            "tx_active": HEADER.tx_active, "tx_seq": HEADER.tx_seq,
+            "item_header_bytes": ITEM_HEADER_BYTES, "o_word0": ITEM_WORD0, "o_klen": _I_KLEN,
+            "o_gid": _I_GID, "o_expiry": _I_EXPIRY, "groups_off": self.groups_off,
+            "group_record_bytes": GROUP_RECORD_BYTES, "g_sets": _G_SETS,
+            "refbits_off": self.refbits_off, "pages_off": self.pages_off,
+            "refbit_granule": REFBIT_GRANULE, "state_writing": STATE_WRITING,
+            "keep_mask": _KEEP_LINK_KEY_GROUP & 0xFFFFFFFFFFFFFFFF,
+        }, journal_full)
+        self.native_writer, self._native_rewrite = writer, writer.rewrite
 
     # -- readers ------------------------------------------------------------------------------
     # The lock-free read path is reader.make_reader; this is its fallback under the lock.
@@ -249,10 +268,16 @@ class Index:
         absent, and writers overwrite or evict it like any other (its lengths never changed,
         so the byte counts stay right). Readers meanwhile see the stripe odd and retry."""
         buf, journal = self.buf, self.journal
+        seconds, frac = expiry_fields(expire_at)
+        native = self._native_rewrite
+        if native is not None:
+            journal.step = native(offset, value, seconds, state | frac << 24, journal.pos,
+                                  journal.step)
+            journal.pos = journal.start + LOG_ENTRY.nbytes
+            return
         word = _U64.unpack_from(buf, offset + ITEM_WORD0)[0] & _KEEP_LINK_KEY_GROUP
         journal.w64(offset + ITEM_WORD0, word | STATE_WRITING << 32)
         journal.checkpoint()
-        seconds, frac = expiry_fields(expire_at)
         start = offset + ITEM_HEADER_BYTES + buf[offset + _I_KLEN]
         buf[start:start + len(value)] = value
         _U32.pack_into(buf, offset + _I_EXPIRY, seconds)

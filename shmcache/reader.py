@@ -101,6 +101,12 @@ def native_wanted():
     return _native is not None and os.environ.get("SHMCACHE_PURE_PYTHON", "") in ("", "0")
 
 
+def native_writer():
+    """The C twin of the Index's in-place rewrite (``_native.Writer``) when the C reader is
+    used too, else None: one switch (SHMCACHE_PURE_PYTHON) picks C or Python for both."""
+    return _native.Writer if native_wanted() else None
+
+
 def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,
                 detour=None, stale=False, negative=None, native=None, count_misses=True):
     """The lock-free ``get(group, key)``: the C reader if ``native`` (default:

@@ -24,23 +24,22 @@ segment, or was closed); the readers pay nothing for it (reader.py).
 
 import logging
 import os
-import re
 import struct
 import time
 
 from .arena import Arena, pid_alive
+from .atomic_ops import ReadModifyWrite
 from .batch import chunks
-from .errors import (InvalidArgument, NotAnInteger, SegmentNotFound, UnknownGroup,
-                     ValueTooLarge)
-from .journal import Journal
+from .errors import InvalidArgument, SegmentNotFound, UnknownGroup, ValueTooLarge
+from .journal import Journal, JournalFull
 from .layout import HEADER, OWNER_LOCK_BYTE, WRITE_LOCK_BYTE
 from .locks import LockFile
 from .lru_index import Index, encode_key
 from .metrics import Counters
-from .reader import NOT_FOUND, make_reader
+from .reader import NOT_FOUND, make_reader, native_writer
 from .slabs import STATE_HOT, STATE_LIVE, STATE_NEGATIVE, Slabs
 from .units import parse_size
-from .validate import check_ttl, check_value_size  # noqa: F401 (check_ttl: its old home)
+from .validate import check_ttl, check_value_size, encode_value  # noqa: F401 (check_ttl: its old home)
 
 log = logging.getLogger("shmcache")
 _U32 = struct.Struct("I")
@@ -52,29 +51,11 @@ _WRITER_PID, _RETIRED, _REPAIRS = HEADER.writer_pid, HEADER.retired, HEADER.repa
 # forked child before any of its code runs.
 _this_pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _this_pid.__setitem__(0, os.getpid()))
-_DECIMAL = re.compile(rb"-?[0-9]{1,4000}")
+WRITE_LOCK_SPINS = 16       # tries before a writer sleeps for the lock (locks.ByteLock)
 BATCH_CHUNK = 64            # keys a batch writes per hold of the write lock
 
 
-def encode_value(value):
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    raise TypeError(f"value must be bytes or str, not {type(value).__name__}")
-
-
-def decimal_value(value):
-    """The whole number a value holds as decimal ASCII digits (what ``incr`` works on, as in
-    memcached); NotAnInteger if it holds anything else."""
-    if not _DECIMAL.fullmatch(value):
-        raise NotAnInteger("the value is not a whole number in decimal digits")
-    return int(value)
-
-
-class Store:
+class Store(ReadModifyWrite):
     """One process's handle on an arena. Thread-safe; re-opens its lock descriptor after fork."""
     arena = None
     lock_file = None
@@ -88,10 +69,13 @@ class Store:
         self.journal = Journal(arena)
         self.slabs = Slabs(arena, self.journal)
         self.index = Index(arena, self.journal, self.slabs)
+        writer = native_writer()
+        if writer is not None:
+            self.index.use_native_writer(writer, JournalFull)
         # This process's descriptor for byte locks, opened through the mapped descriptor
         # rather than the name: the name may point to a newer segment by now.
         self.lock_file = LockFile(f"/proc/self/fd/{arena.fd}")
-        self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE)
+        self._write_lock = self.lock_file.byte_lock(WRITE_LOCK_BYTE, spins=WRITE_LOCK_SPINS)
         # name -> id; ids never change once defined. The readers look a group up here
         # first: while the store is diverted it stays empty, so every read takes the detour.
         self._group_ids = {}
@@ -317,59 +301,6 @@ class Store:
             return expire_at
         ttl = check_ttl(ttl) if ttl is not None else self.index.group_ttl(gid)
         return now + ttl if ttl else None
-
-    # Read-modify-write operations: each one step under the write lock (``locked`` is not
-    # re-entrant: the *_locked parts call the Index only), so processes racing on a key
-    # see them one after the other.
-
-    def add(self, group, key, value, ttl=None, expire_at=None):
-        """Store ``value`` as ``set`` does, but only if the key holds no live value; True if
-        stored. Of processes adding one key at once, exactly one gets True."""
-        gid = self.group_id(group)
-        data, value = encode_key(key), encode_value(value)
-        now = time.time()
-        return self.locked(self._add_locked, gid, data, value,
-                           self._expiry(gid, ttl, expire_at, now), now)
-
-    def _add_locked(self, gid, data, value, expire_at, now):
-        if self.index.lookup_locked(gid, data, now) is not None:
-            return False
-        return self.index.store(gid, data, value, expire_at, now)
-
-    def incr(self, group, key, delta=1):
-        """Add ``delta`` to the whole number the key holds in decimal digits, atomically; the
-        key keeps its expiry. The new number, or None if the key holds no live value.
-        NotAnInteger if the value is anything else (nothing changes then)."""
-        if isinstance(delta, bool) or not isinstance(delta, int):
-            raise NotAnInteger(f"delta must be an int, not {type(delta).__name__}")
-        gid = self.group_id(group)
-        return self.locked(self._incr_locked, gid, encode_key(key), delta, time.time())
-
-    def _incr_locked(self, gid, data, delta, now):
-        found = self.index.lookup_locked(gid, data, now, with_expiry=True)
-        if found is None:
-            return None
-        value, expire_at, hot = found
-        number = decimal_value(value) + delta
-        self.index.store(gid, data, b"%d" % number, expire_at, now,
-                         STATE_HOT if hot else STATE_LIVE)
-        return number
-
-    def touch(self, group, key, ttl=None, expire_at=None):
-        """Give a live key a new expiry (``ttl`` / ``expire_at`` as in ``set``); True if the
-        key was there."""
-        gid = self.group_id(group)
-        now = time.time()
-        return self.locked(self._touch_locked, gid, encode_key(key),
-                           self._expiry(gid, ttl, expire_at, now), now)
-
-    def _touch_locked(self, gid, data, expire_at, now):
-        found = self.index.lookup_locked(gid, data, now, with_expiry=True)
-        if found is None:
-            return False
-        value, _old_expiry, hot = found
-        return self.index.store(gid, data, value, expire_at, now,
-                                STATE_HOT if hot else STATE_LIVE)
 
     def check_fits(self, group, key, value):
         """ValueTooLarge (or InvalidKey) if ``set`` would refuse this value; stores nothing."""

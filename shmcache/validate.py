@@ -71,3 +71,14 @@ def check_value_size(size, max_item_size):
     if size > max_item_size:
         raise ValueTooLarge(f"value of {size} bytes exceeds the max item size "
                             f"of {max_item_size} bytes")
+
+
+def encode_value(value):
+    """A value as bytes: bytes as they are, str as UTF-8; TypeError for anything else."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"value must be bytes or str, not {type(value).__name__}")

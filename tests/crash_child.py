@@ -30,19 +30,25 @@ def main():
     cache = shmcache.connect(name=name)
     calls = [0]
 
+    def pause_point(what):
+        calls[0] += 1
+        if calls[0] == pause_at:
+            print(f"paused {what}", flush=True)
+            time.sleep(600)
+
     def pausing(method_name):
         original = getattr(journal.Journal, method_name)
 
         def method(self, *args):
-            calls[0] += 1
-            if calls[0] == pause_at:
-                print(f"paused {method_name}", flush=True)
-                time.sleep(600)
+            pause_point(method_name)
             return original(self, *args)
         return method
 
     for method_name in ("w32", "w64", "w64x2", "checkpoint"):
         setattr(journal.Journal, method_name, pausing(method_name))
+    writer = cache._attachment.current.index.native_writer
+    if writer is not None:        # the C rewrite pauses at the same points (_native.c)
+        writer.pause = pause_point
     OPERATIONS[operation](cache)
     print("completed", flush=True)
 

@@ -32,16 +32,23 @@ def freeze_in_incr(cache, key, pause_at):
     from shmcache import journal
     calls = [0]
 
+    def pause_point(_what=None):
+        calls[0] += 1
+        if calls[0] == pause_at:
+            print(json.dumps("paused"), flush=True)
+            time.sleep(600)
+
     def pausing(original):
         def method(self, *args):
-            calls[0] += 1
-            if calls[0] == pause_at:
-                print(json.dumps("paused"), flush=True)
-                time.sleep(600)
+            pause_point()
             return original(self, *args)
         return method
     for name in ("w32", "w64", "w64x2", "checkpoint"):
         setattr(journal.Journal, name, pausing(getattr(journal.Journal, name)))
+    # A same-size rewrite may run in C (_native.Writer): it pauses at the same points.
+    writer = cache._run(lambda client: client._attachment.current.index.native_writer)
+    if writer is not None:
+        writer.pause = pause_point
     return cache.incr(key)
 
 

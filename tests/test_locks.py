@@ -97,3 +97,50 @@ def test_threads_of_one_process_exclude_each_other(lock_path):
     for thread in threads:
         thread.join(timeout=60)
     assert not overlaps
+
+
+@pytest.mark.parametrize("spins", [0, 16])
+def test_processes_exclude_each_other_spinning_or_not(lock_path, spins):
+    """Two processes increment a counter in the file under one lock, many times: with
+    ``spins`` a waiter tries without sleeping first. A lost update means both held it."""
+    rounds, children = 3000, []
+    for _child in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                lock = LockFile(lock_path).byte_lock(7, spins=spins)
+                fd = os.open(lock_path, os.O_RDWR)
+                for _ in range(rounds):
+                    with lock:
+                        count = int.from_bytes(os.pread(fd, 8, 32), "little")
+                        os.pwrite(fd, (count + 1).to_bytes(8, "little"), 32)
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    with open(lock_path, "rb") as file:
+        assert int.from_bytes(file.read()[32:40], "little") == 2 * rounds
+
+
+def test_a_spinning_waiter_still_waits_for_a_long_holder(lock_path, processes):
+    """Past its spins, a waiter sleeps in the kernel until the holder lets go (here: dies)."""
+    holder = processes.python(HOLD_LOCK, lock_path, 9, stdout=-1, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    lock = LockFile(lock_path).byte_lock(9, spins=16)
+    taken = threading.Event()
+
+    def wait_for_it():
+        lock.acquire()
+        taken.set()
+
+    waiter = threading.Thread(target=wait_for_it, daemon=True)
+    waiter.start()
+    assert not taken.wait(0.5)          # the holder is alive: no spin may take the lock
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    assert taken.wait(30)
+    lock.release()
