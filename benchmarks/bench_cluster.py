@@ -7,7 +7,8 @@
    local hit (asked on the owner), remote hit (asked on another host: one fetch from the
    owner, which has it cached), hot-copy hit (asked again on that host: --hot-fraction 1).
 2. Requests/s of gets spread over the 3 hosts: one wrk per host at once, random keys
-   (Python threads when wrk is missing).
+   (Python threads when wrk is missing), each key loaded once before (``warm``), so the run
+   times hits, local and remote, not first loads.
 3. A simulation of the ring at 1,000 hosts (no processes): balance and keys moved when a
    host joins or leaves, against the ideal 1/(N+1).
 4. Against golang/groupcache, when Go and Debian's golang-github-golang-groupcache-dev are
@@ -16,7 +17,8 @@
    hosts fetching from owners on the event loop, and three fetching on the thread pool (the
    path before: SHMCACHE_PEER_FETCH=pool). Hot copies off everywhere (--hot-fraction 0;
    the Go build gets its 1-in-10 hot copy switched off). Remote-hit p50/p99 and random-key
-   throughput, as ratios to Go's.
+   throughput (keys warmed as in 2.), as ratios to Go's. --workers sets the workers of each
+   shmcache host (default 4; the three hosts share this machine's cores).
 """
 
 import argparse
@@ -31,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 
@@ -115,6 +118,32 @@ end
     return rates, errors
 
 
+def warm(ports, keys, threads=8):
+    """GET every key of the throughput runs once, spread over the hosts, so that the timed
+    run measures hits (local and remote), not the first loads."""
+    failures = []
+
+    def run(first):
+        connection = http.client.HTTPConnection("127.0.0.1", ports[first % len(ports)], timeout=60)
+        try:
+            for key in range(first + 1, keys + 1, threads):
+                connection.request("GET", f"/cache/bench/spread-{key}")
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append((key, response.status))
+        finally:
+            connection.close()
+
+    workers = [threading.Thread(target=run, args=(first,)) for first in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if failures:
+        raise RuntimeError(f"warming failed for {len(failures)} keys, first {failures[0]}")
+
+
 def build_go_node(workdir):
     """The Go node's binary, built in ``workdir`` from the Debian groupcache source with
     its random hot copies switched off (no network: GOPATH mode); or (None, reason)."""
@@ -185,7 +214,7 @@ def stop_all(procs):
         proc.wait(60)
 
 
-def versus_go(seconds, keys):
+def versus_go(seconds, keys, workers=4):
     """Remote hits and throughput of Go, shmcache on the loop and on the pool; or a reason."""
     workdir = tempfile.mkdtemp(prefix="bench-go-")
     try:
@@ -196,9 +225,9 @@ def versus_go(seconds, keys):
         names = [f"cmp-{i}" for i in range(keys)]
         for label, start in (
                 ("golang/groupcache", lambda: start_go_cluster(binary)),
-                ("shmcache, loop fetch", lambda: start_cluster(hot_fraction=0)),
+                ("shmcache, loop fetch", lambda: start_cluster(workers=workers, hot_fraction=0)),
                 ("shmcache, pool fetch", lambda: start_cluster(
-                    hot_fraction=0, env={"SHMCACHE_PEER_FETCH": "pool"}))):
+                    workers=workers, hot_fraction=0, env={"SHMCACHE_PEER_FETCH": "pool"}))):
             procs, ports, urls = start()
             try:
                 owner_of = go_owner(urls) if label.startswith("golang") else None
@@ -207,7 +236,7 @@ def versus_go(seconds, keys):
                 remote = lat["remote hit (via owner)"] + lat["hot-copy hit"]
                 if owner_of is not None:       # the Go nodes' remote hits came from owners
                     results["go counters"] = go_counters(ports)
-                throughput(ports, 2, 20000)                        # warm: load every key
+                warm(ports, 20000)                                 # load every key once
                 rates, errors = throughput(ports, seconds, 20000)
             finally:
                 stop_all(procs)
@@ -217,12 +246,13 @@ def versus_go(seconds, keys):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def print_versus_go(results, reason, seconds, keys):
+def print_versus_go(results, reason, seconds, keys, workers=4):
     if results is None:
         print(f"\nversus golang/groupcache: skipped: {reason}")
         return
-    print(f"\nversus golang/groupcache, 3 nodes each (shmcache: 4 workers each), hot copies off, "
-          f"{keys} keys x 2 remote asks, wrk -t1 -c16 per host for {seconds} s over 20,000 keys:")
+    print(f"\nversus golang/groupcache, 3 nodes each (shmcache: {workers} workers each), hot copies "
+          f"off, {keys} keys x 2 remote asks, wrk -t1 -c16 per host for {seconds} s over 20,000 "
+          f"keys, every key loaded once before:")
     counters = results.pop("go counters")
     go_remote, go_rates, _ = results["golang/groupcache"]
     go_p50, go_p99 = percentile(go_remote, 0.5), percentile(go_remote, 0.99)
@@ -267,22 +297,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--keys", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=4,
+                        help="workers per shmcache host in the comparison with Go (4.)")
     parser.add_argument("--only-go", action="store_true",
                         help="run only the comparison with golang/groupcache (4.)")
     args = parser.parse_args()
     if args.only_go:
-        print_versus_go(*versus_go(args.seconds, args.keys), args.seconds, args.keys)
+        print_versus_go(*versus_go(args.seconds, args.keys, args.workers), args.seconds,
+                        args.keys, args.workers)
         return
     procs, ports, urls = start_cluster()
     try:
         lat = latencies(ports, urls, [f"lat-{i}" for i in range(args.keys)])
+        warm(ports, 20000)
         rates, errors = throughput(ports, args.seconds, 20000)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(60)
-    versus = versus_go(args.seconds, args.keys)
+    versus = versus_go(args.seconds, args.keys, args.workers)
     sim = ring_simulation()
 
     print(f"\nhits on loopback, 3 hosts x 4 workers, {args.keys} keys, 100 B values, "
@@ -305,7 +339,7 @@ def main():
           f"ratio {sim['join_moved'] / sim['ideal_join']:.2f})")
     print(f"  a host leaves: {sim['leave_moved']:.4%} of keys move (ideal {sim['ideal_leave']:.4%}, "
           f"ratio {sim['leave_moved'] / sim['ideal_leave']:.2f})")
-    print_versus_go(*versus, args.seconds, args.keys)
+    print_versus_go(*versus, args.seconds, args.keys, args.workers)
     print("\ntarget: remote hit p50 <= 0.5 ms")
 
 
