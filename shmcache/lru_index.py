@@ -101,25 +101,8 @@ class Index:
         self.seeds = [(seed + gid * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
                       for gid in range(lay.max_groups)]
         self._marked = []                    # stripe counters this write section made odd
-        self.native_writer = None            # the C twin of _rewrite (use_native_writer)
-        self._native_rewrite = None
-
-    def use_native_writer(self, writer_type, journal_full):
-        """Rewrite in place with ``writer_type`` (shmcache._native.Writer): the same stores
-        as ``_rewrite``, in the same order, in C. Constants come from here."""
-        journal = self.journal
-        writer = writer_type(self.buf, {
-            "log_start": journal.start, "log_end": journal.end, "entry_bytes": LOG_ENTRY.nbytes,
-            "e_word": LOG_ENTRY.word, "e_old": LOG_ENTRY.old, "e_step": LOG_ENTRY.step,
-            "tx_active": HEADER.tx_active, "tx_seq": HEADER.tx_seq,
-            "item_header_bytes": ITEM_HEADER_BYTES, "o_word0": ITEM_WORD0, "o_klen": _I_KLEN,
-            "o_gid": _I_GID, "o_expiry": _I_EXPIRY, "groups_off": self.groups_off,
-            "group_record_bytes": GROUP_RECORD_BYTES, "g_sets": _G_SETS,
-            "refbits_off": self.refbits_off, "pages_off": self.pages_off,
-            "refbit_granule": REFBIT_GRANULE, "state_writing": STATE_WRITING,
-            "keep_mask": _KEEP_LINK_KEY_GROUP & 0xFFFFFFFFFFFFFFFF,
-        }, journal_full)
-        self.native_writer, self._native_rewrite = writer, writer.rewrite
+        self.native_writer = None            # the C twin of _rewrite (reader.native_writer)
+        self._native_rewrite = None          # its rewrite method
 
     # -- readers ------------------------------------------------------------------------------
     # The lock-free read path is reader.make_reader; this is its fallback under the lock.

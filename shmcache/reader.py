@@ -47,11 +47,11 @@ import time
 import xxhash
 
 from .errors import InvalidKey
-from .layout import (BUCKET_BYTES, GROUP, GROUP_RECORD_BYTES, ITEM, ITEM_HEADER_BYTES,
-                     MAX_KEY_BYTES, REFBIT_GRANULE, STRIPE_BYTES)
-from .lru_index import _F64, _FRACTION, _HEAD, _U32, encode_key
+from .layout import (BUCKET_BYTES, GROUP, GROUP_RECORD_BYTES, HEADER, ITEM, ITEM_HEADER_BYTES,
+                     ITEM_WORD0, LOG_ENTRY, MAX_KEY_BYTES, REFBIT_GRANULE, STRIPE_BYTES)
+from .lru_index import _F64, _FRACTION, _HEAD, _KEEP_LINK_KEY_GROUP, _U32, encode_key
 from .metrics import HITS, HOT_HITS, KINDS, MISSES, NEGATIVE_HITS, PER_GROUP
-from .slabs import STATE_LIVE, STATE_NEGATIVE
+from .slabs import STATE_LIVE, STATE_NEGATIVE, STATE_WRITING
 
 # The pure-Python hit path spells these as literals, for speed, and _native.c the stripe
 # and bucket sizes: held to layout.py here.
@@ -101,10 +101,25 @@ def native_wanted():
     return _native is not None and os.environ.get("SHMCACHE_PURE_PYTHON", "") in ("", "0")
 
 
-def native_writer():
-    """The C twin of the Index's in-place rewrite (``_native.Writer``) when the C reader is
-    used too, else None: one switch (SHMCACHE_PURE_PYTHON) picks C or Python for both."""
-    return _native.Writer if native_wanted() else None
+def native_writer(index, journal_full):
+    """The C twin of ``index``'s in-place rewrite (``_native.Writer``, the same stores as
+    ``Index._rewrite`` in the same order) when the C reader is used too, else None: one
+    switch (SHMCACHE_PURE_PYTHON) picks C or Python for both. ``journal_full``: the
+    exception a step too long for the log raises (journal.JournalFull)."""
+    if not native_wanted():
+        return None
+    journal = index.journal
+    return _native.Writer(index.buf, {
+        "log_start": journal.start, "log_end": journal.end, "entry_bytes": LOG_ENTRY.nbytes,
+        "e_word": LOG_ENTRY.word, "e_old": LOG_ENTRY.old, "e_step": LOG_ENTRY.step,
+        "tx_active": HEADER.tx_active, "tx_seq": HEADER.tx_seq,
+        "item_header_bytes": ITEM_HEADER_BYTES, "o_word0": ITEM_WORD0, "o_klen": ITEM.klen,
+        "o_gid": ITEM.gid, "o_expiry": ITEM.seconds, "groups_off": index.groups_off,
+        "group_record_bytes": GROUP_RECORD_BYTES, "g_sets": GROUP.sets,
+        "refbits_off": index.refbits_off, "pages_off": index.pages_off,
+        "refbit_granule": REFBIT_GRANULE, "state_writing": STATE_WRITING,
+        "keep_mask": _KEEP_LINK_KEY_GROUP & 0xFFFFFFFFFFFFFFFF,
+    }, journal_full)
 
 
 def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,

@@ -69,9 +69,9 @@ class Store(ReadModifyWrite):
         self.journal = Journal(arena)
         self.slabs = Slabs(arena, self.journal)
         self.index = Index(arena, self.journal, self.slabs)
-        writer = native_writer()
+        writer = native_writer(self.index, JournalFull)
         if writer is not None:
-            self.index.use_native_writer(writer, JournalFull)
+            self.index.native_writer, self.index._native_rewrite = writer, writer.rewrite
         # This process's descriptor for byte locks, opened through the mapped descriptor
         # rather than the name: the name may point to a newer segment by now.
         self.lock_file = LockFile(f"/proc/self/fd/{arena.fd}")

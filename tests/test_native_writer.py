@@ -1,4 +1,4 @@
-"""The C rewrite (``_native.Writer``, lru_index.Index.use_native_writer) against the Python
+"""The C rewrite (``_native.Writer``, made by reader.native_writer) against the Python
 one: from the same arena bytes, a same-size set leaves the same arena bytes; refused input
 changes nothing. The kill -9 tests (test_crash.py, test_model.py, test_torture.py) run with
 both, through the ``both_readers`` fixture: one switch picks C or Python for both."""
