@@ -653,6 +653,20 @@ pause_before(Writer *self, const char *what)
     return result == NULL ? -1 : 0;
 }
 
+static void
+journaled_w64(Writer *self, uint8_t *buf, Py_ssize_t pos, uint8_t *word, uint64_t value,
+              uint64_t step)
+{
+    /* journal.w64: the entry at ``pos`` (old contents, then the step id last), then the word */
+    put_u64(buf + pos + self->e_word, (uint64_t)(word - buf));
+    put_u64(buf + pos + self->e_old, get_u64(word));
+    BARRIER();
+    put_u64(buf + pos + self->e_step, step);
+    BARRIER();
+    put_u64(word, value);
+    BARRIER();
+}
+
 static PyObject *
 writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -699,14 +713,7 @@ writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
     uint64_t word = get_u64(word0) & self->keep_mask;
     if (pause_before(self, "w64") < 0)
         goto done;
-    /* journal.w64(offset, word | STATE_WRITING << 32): the entry (step id last), then the word */
-    put_u64(buf + pos + self->e_word, (uint64_t)(offset + self->o_word0));
-    put_u64(buf + pos + self->e_old, get_u64(word0));
-    BARRIER();
-    put_u64(buf + pos + self->e_step, step);
-    BARRIER();
-    put_u64(word0, word | self->state_writing << 32);
-    BARRIER();
+    journaled_w64(self, buf, pos, word0, word | self->state_writing << 32, step);
     if (pause_before(self, "checkpoint") < 0)
         goto done;
     /* journal.checkpoint(): the active id moves to a new one in one store, then the seq */
@@ -722,15 +729,8 @@ writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
     BARRIER();
     if (pause_before(self, "w64") < 0)
         goto done;
-    /* journal.w64(offset, word | state_and_frac << 32): readable again */
-    pos = self->log_start;
-    put_u64(buf + pos + self->e_word, (uint64_t)(offset + self->o_word0));
-    put_u64(buf + pos + self->e_old, get_u64(word0));
-    BARRIER();
-    put_u64(buf + pos + self->e_step, step);
-    BARRIER();
-    put_u64(word0, word | (uint64_t)state_frac << 32);
-    BARRIER();
+    /* readable again, in the first entry of the new step */
+    journaled_w64(self, buf, self->log_start, word0, word | (uint64_t)state_frac << 32, step);
     /* an update is a reference: the CLOCK bit; and the group's set counter */
     Py_ssize_t bit = (offset - self->pages_off) / self->refbit_granule;
     Py_ssize_t byte = self->refbits_off + (bit >> 3);
