@@ -4,9 +4,9 @@ the flush of a group on every host. The Get path: node.py."""
 
 import threading
 import time
-from concurrent.futures import Future
 
 from .errors import PeerUnavailable
+from .futures import Promise
 from .peers import PeerError
 
 BATCH_CONCURRENCY = 16      # pool threads one batch of cluster writes may use at a time
@@ -95,7 +95,7 @@ class ClusterWrites:
         at most ``limit`` at a time so that one batch cannot take every thread; nothing
         blocks waiting for them."""
         calls = list(calls)
-        outcomes = [Future() for _ in calls]
+        outcomes = [Promise() for _ in calls]
         pending = iter(range(len(calls)))
         lock = threading.Lock()
 

@@ -31,13 +31,12 @@ ttl: 400. Writes need the token.
 
 import json
 import logging
-from concurrent.futures import Future
 from urllib.parse import parse_qs
 
 from .batch import MAX_BATCH_KEYS, OPS, b64, unb64
 from .errors import (InvalidKey, LoadError, LoadTimeout, NotFound, PeerUnavailable, UnknownGroup,
                      ValueTooLarge)
-from .futures import all_done, then
+from .futures import FUTURES, all_done, then
 from .httpserver import error, render
 from .reader import NOT_FOUND
 from .validate import positive_ttl
@@ -94,7 +93,7 @@ class BatchRoutes:
             answer = node.get(group, key)
             if answer is NOT_FOUND:
                 missing.append(key)
-            elif isinstance(answer, Future):
+            elif isinstance(answer, FUTURES):
                 pending[key] = answer
             else:
                 values[key] = answer[0]

@@ -55,7 +55,7 @@ from .httpserver import error, render
 from .arena import MAX_KEY_BYTES
 from .lru_index import encode_key
 from .validate import GROUP_NAME_RULE, is_group_name, positive_ttl
-from .futures import then
+from .futures import FUTURES, then
 from .http_batch import JSON, BatchRoutes, _batch_op, _json_body, _query, load_status
 from .metrics import prometheus_text
 from .node import StaleHit
@@ -315,7 +315,7 @@ class Front(BatchRoutes):
                 answer = node.get(group, key, from_peer=True)
             if answer is NOT_FOUND:                 # remembered by this host, the owner
                 return _not_found(group, key)
-            if isinstance(answer, Future):
+            if isinstance(answer, FUTURES):
                 return then(answer, lambda done: self._peer_answer(done, group, key))
             return render(200, encode_get_response(answer[0], answer[1]), content_type=PROTOBUF)
         if method == "PUT":

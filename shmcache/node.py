@@ -32,12 +32,12 @@ import logging
 import os
 import random
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 
 from .cluster_writes import ClusterWrites
 from .errors import LoadError, NotFound, PeerUnavailable, ValueTooLarge
-from .futures import settle
+from .futures import Promise, settle
 from .lru_index import encode_key
 from .metrics import (HITS, LOADS, LOADS_DEDUPED, LOCAL_LOAD_ERRORS, LOCAL_LOADS, MISSES,
                       PEER_ERRORS, PEER_LOADS, REFRESH_ERRORS, SERVER_REQUESTS, STALE_HITS,
@@ -214,7 +214,7 @@ class Node(ClusterWrites):
             owner = self.peers.owner_of(key)
         if owner is None:
             return self.pool.submit(self._get_slow, group, key, from_peer)
-        result = Future()
+        result = Promise()
         try:
             found = self._recheck(group, key)
         except NotFound as exc:

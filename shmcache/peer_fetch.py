@@ -39,9 +39,9 @@ import select
 import socket
 import ssl
 import time
-from concurrent.futures import Future
 
 from .errors import PeerUnavailable
+from .futures import Promise
 from .http_messages import parse_response
 from .peers import POOL_SIZE
 from .tls import trust_of, verify_problem
@@ -75,7 +75,7 @@ class PeerFetcher:
         return self._get(client, client.path(group, key), client.fetch_answer)
 
     def _get(self, client, path, answer):
-        result = Future()
+        result = Promise()
         _Exchange(self, client, path, answer, result).start()
         return result
 

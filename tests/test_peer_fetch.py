@@ -7,12 +7,11 @@ answers with what the fetch gave, so every fetch runs on a loop thread as in a w
 import socket
 import threading
 import time
-from concurrent.futures import Future
 
 import pytest
 
 from shmcache.errors import NotFound, PeerUnavailable
-from shmcache.futures import then
+from shmcache.futures import Promise, then
 from shmcache.wire import PROTOBUF, encode_get_response
 from shmcache.http_messages import error, render
 from shmcache.httpserver import HttpServer
@@ -69,7 +68,7 @@ class Asker:
 
     def handle(self, request):
         future = self.fetcher.fetch(self.client, "g", request.path[1:])
-        assert isinstance(future, Future)
+        assert isinstance(future, Promise)  # made on the loop, not a Condition-laden Future
         return then(future, self.answer)
 
     @staticmethod
