@@ -11,6 +11,7 @@ with blocking requests instead, as it did before (benchmarks compare the two).
 """
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -72,6 +73,9 @@ class Worker:
         if self.stop_wanted:
             self.exit_before_serving()
         code = 0
+        # What boot made lives as long as the worker: out of the collector's sight, every
+        # full collection no longer walks it (a few per cent of a busy worker's CPU).
+        gc.freeze()
         try:
             self.server.serve(tick=self.tick, tick_interval=0.5)
         except Exception:
