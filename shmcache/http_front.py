@@ -307,7 +307,7 @@ class Front(BatchRoutes):
             return answer.response
         node = self.node
         if method == "GET":
-            if parse_qs(request.query).get("peek") == ["1"]:   # from memory only (discovery.py)
+            if request.query and parse_qs(request.query).get("peek") == ["1"]:   # from memory only (discovery.py)
                 answer = node.peek(group, key, from_peer=True)  # a peek refreshes nothing
                 if answer is None:
                     return error(404, f"{group}/{key[:100]} is not held here")

@@ -18,6 +18,7 @@ lock, read without it) are declared in layout.py.
 
 import http.client
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -47,6 +48,13 @@ _FAILURES = PEER.struct("failures")
 _FAILURE = PEER.struct("suspect_until", "last_failure")    # until, failures, last failure
 _CLEARED = PEER.struct("suspect_until", "failures")        # until, failures
 _HASH_OFF, _UNTIL_OFF, _FAILURES_OFF = PEER.url_hash, PEER.suspect_until, PEER.failures
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]+").fullmatch       # what quote(safe='') leaves as is
+
+
+def _escaped(part):
+    """``part`` percent-escaped for a path segment, as ``quote(part, safe='')``; most keys
+    need no escape, and the check costs a fraction of quote's."""
+    return part if _PLAIN(part) else quote(part, safe="")
 
 
 class PeerError(Exception):
@@ -99,7 +107,7 @@ class PeerClient:
         return f"PeerClient({self.url!r})"
 
     def path(self, group, key):
-        return f"{self.base_path}{quote(group, safe='')}/{quote(key, safe='')}"
+        return f"{self.base_path}{_escaped(group)}/{_escaped(key)}"
 
     @property
     def tls_context(self):
@@ -256,7 +264,12 @@ class PeerHealth:
         return _UNTIL.unpack_from(self.buf, offset + _UNTIL_OFF)[0] if offset is not None else 0.0
 
     def is_suspect(self, url, now=None):
-        return self.suspect_until(url) > (now or time.time())
+        offset = self._slots.get(url)           # asked once per fetch: the cache inline
+        if offset is None:
+            offset = self._find(url, create=False)
+            if offset is None:
+                return False
+        return _UNTIL.unpack_from(self.buf, offset + _UNTIL_OFF)[0] > (now or time.time())
 
     def failed(self, url, reason):
         """Count a failure; the peer is skipped for a backoff that doubles each time."""

@@ -1,6 +1,7 @@
 """The consistent-hash ring: determinism, balance, and what moves when peers come and go."""
 
 import collections
+import random
 
 import pytest
 
@@ -68,3 +69,18 @@ def test_one_peer_owns_everything_and_default_vnodes():
     ring = Ring(["http://solo:1"])
     assert {ring.owner_of(key) for key in KEYS[:1000]} == {"http://solo:1"}
     assert ring.vnodes == VNODES
+
+
+def test_peer_paths_escape_each_part_as_quote_does():
+    """PeerClient.path skips quote() for plain keys; every key still travels escaped exactly
+    as quote(part, safe='') escapes it (spaces, slashes, '%', non-ASCII, controls)."""
+    from urllib.parse import quote
+    from shmcache.peers import PeerClient
+    client = PeerClient("http://127.0.0.1:1", base_path="/_groupcache/")
+    rng = random.Random(7)
+    alphabet = "aZ09_.~-/ %?#&=+ü中\x00\x7f\u2028"
+    parts = ["plain-key_1.x~", "a b", "a/b", "100%", "ключ", "x" * 250]
+    parts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(500)]
+    for part in parts:
+        assert client.path("g", part) == f"/_groupcache/g/{quote(part, safe='')}"
+        assert client.path(part, "k") == f"/_groupcache/{quote(part, safe='')}/k"
