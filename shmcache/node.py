@@ -129,6 +129,9 @@ class NoPeers:
     def previous_owner_of(self, key):
         return None
 
+    def peeked(self, url, found):
+        pass
+
     def others(self):
         return []
 
@@ -345,6 +348,7 @@ class Node(ClusterWrites):
         except PeerError as exc:
             log.warning("peek of %s/%s failed, loading it here: %s", group, key, exc)
             return None
+        self.peers.peeked(previous.url, found is not None)
         if found is None:
             return None
         value, expiry = found

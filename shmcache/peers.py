@@ -39,6 +39,7 @@ log = logging.getLogger("shmcache")
 
 MIN_BACKOFF = 1.0            # seconds a peer is skipped after its first failure
 MAX_BACKOFF = 30.0
+COLD_PEEKS = 64             # empty peeks in a row after which a previous owner is not asked
 POOL_SIZE = 16               # idle keep-alive connections kept per peer
 
 _SLOT = PEER.struct("url_hash", "last_failure")
@@ -325,6 +326,9 @@ class PeerPicker(Protocol):
     def previous_owner_of(self, key: str) -> "PeerClient | None":
         """The owner by the ring before a change, to peek before loading here; or None."""
 
+    def peeked(self, url: str, found: bool) -> None:
+        """What a peek of the previous owner ``url`` answered: a value (``found``) or none."""
+
     def others(self) -> "list[PeerClient]":
         """Every other host's client."""
 
@@ -336,12 +340,14 @@ class PeerPicker(Protocol):
 
 
 class _View:
-    """One peer set as a worker uses it; replaced whole, so a reader sees old or new."""
-    __slots__ = ("self_url", "ring", "clients", "previous", "previous_until")
+    """One peer set as a worker uses it; replaced whole, so a reader sees old or new.
+    ``empty_peeks``: previous owner url -> peeks in a row that found nothing there."""
+    __slots__ = ("self_url", "ring", "clients", "previous", "previous_until", "empty_peeks")
 
     def __init__(self, self_url, ring, clients, previous, previous_until):
         self.self_url, self.ring, self.clients = self_url, ring, clients
         self.previous, self.previous_until = previous, previous_until
+        self.empty_peeks = {}
 
 
 class Peers:
@@ -416,9 +422,23 @@ class Peers:
             return None
         before = view.previous.owner_of(key)
         client = view.clients.get(before)
-        if client is None or self.health.is_suspect(before):
+        if client is None or self.health.is_suspect(before) \
+                or view.empty_peeks.get(before, 0) >= COLD_PEEKS:
             return None
         return client
+
+    def peeked(self, url, found):
+        """Count the peeks of ``url`` in a row that found nothing, for this view. A whole
+        cluster that starts at once has every host's previous ring (the others) as cold as
+        itself: past COLD_PEEKS empty answers in a row, this process stops peeking that host
+        until the peer set changes again, instead of paying a round trip before every first
+        load of the window. One found value starts the count again. Threads may lose an
+        increment to each other; that only delays the cut-off a little."""
+        counts = self._view.empty_peeks
+        if found:
+            counts.pop(url, None)
+        else:
+            counts[url] = counts.get(url, 0) + 1
 
     def others(self):
         return list(self._view.clients.values())

@@ -261,3 +261,43 @@ def test_a_peek_answers_from_memory_only(supervised):
     status, body, _ = host.request("GET", "/_kcache/test/peeked?peek=1")
     assert status == 200 and decode_get_response(body)[0] == b"value-of-peeked"
     assert len(host.calls()) == 1
+
+
+def test_a_cold_previous_owner_stops_being_peeked(make_cache):
+    """A Node whose previous ring names a real peer that holds nothing (404 to every peek):
+    its first COLD_PEEKS loads peek it, the loads after that do not; every key still loads."""
+    from concurrent.futures import ThreadPoolExecutor
+    from shmcache import Group
+    from shmcache.http_messages import error
+    from shmcache.httpserver import HttpServer
+    from shmcache.node import Node
+    from shmcache.peers import COLD_PEEKS, Peers
+    peeks = []
+
+    def cold(request):
+        peeks.append(request.target)
+        return error(404, "not held here")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = HttpServer(sock, cold)
+    threading.Thread(target=server.serve, kwargs={"tick_interval": 0.05}, daemon=True).start()
+    me, other = "http://127.0.0.1:1", f"http://127.0.0.1:{sock.getsockname()[1]}"
+    store = make_cache()._live_store()
+    peers = Peers(me, [me, other], store, previous=(other,), previous_until=time.time() + 3600)
+    pool = ThreadPoolExecutor(max_workers=4)
+    node = Node(store, [Group("g", 1 << 20, getter=lambda key: f"loaded:{key}".encode())],
+                pool, peers=peers)
+    try:
+        mine = [k for k in (f"cold-{i}" for i in range(1000)) if peers.owner_url(k) == me]
+        assert len(mine) > COLD_PEEKS + 50
+        for key in mine:
+            answer = node.get("g", key)
+            value = answer.result(timeout=60)[0] if hasattr(answer, "result") else answer[0]
+            assert value == f"loaded:{key}".encode()
+        assert len(peeks) == COLD_PEEKS
+        assert all(target.endswith("?peek=1") for target in peeks)
+    finally:
+        node.close()
+        peers.close()
+        server.stop()

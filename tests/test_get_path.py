@@ -67,6 +67,9 @@ class FakePeers:
     def previous_owner_of(self, key):
         return None
 
+    def peeked(self, url, found):
+        pass
+
     def others(self):
         return list(self.clients.values())
 
@@ -253,7 +256,7 @@ def real_peers(make_cache):
 
 def test_the_protocol_names_what_a_node_uses():
     assert protocol_members() == {"self_url", "health", "clients", "owner_of", "owner_url",
-                                  "previous_owner_of", "others", "stats", "close"}
+                                  "previous_owner_of", "peeked", "others", "stats", "close"}
 
 
 @pytest.mark.parametrize("picker", ["NoPeers", "Peers", "FakePeers"])
@@ -381,3 +384,27 @@ def test_a_client_with_its_own_getter_counts_its_miss_once(segment_name):
         assert cache.get_many("own", ["k", "j"]) == {"k": b"v", "j": b"v"}
         counts = cache.stats()["groups"]["own"]
         assert (counts["gets"], counts["hits"], counts["misses"]) == (4, 2, 2)
+
+
+def test_a_cold_previous_owner_is_not_peeked_past_a_run_of_empty_peeks(make_cache):
+    """At a host's start the previous ring is the other hosts. After COLD_PEEKS empty peeks
+    in a row of one of them it is asked no more (a whole cluster started at once: it is as
+    cold as we are); one value found starts the count again; a new peer set, a new count."""
+    from shmcache.peers import COLD_PEEKS
+    real_peers = Peers(SELF, [SELF, OTHER], make_cache()._live_store(), previous=(OTHER,),
+                       previous_until=2e9)
+    mine = [k for k in (f"k{i}" for i in range(2000)) if real_peers.owner_url(k) == SELF]
+    assert real_peers.previous_owner_of(mine[0]).url == OTHER      # the first view peeks
+    for _ in range(COLD_PEEKS - 1):
+        real_peers.peeked(OTHER, False)
+    assert real_peers.previous_owner_of(mine[1]).url == OTHER
+    real_peers.peeked(OTHER, True)                                  # warm after all
+    for _ in range(COLD_PEEKS - 1):
+        real_peers.peeked(OTHER, False)
+    assert real_peers.previous_owner_of(mine[2]).url == OTHER
+    real_peers.peeked(OTHER, False)
+    assert all(real_peers.previous_owner_of(k) is None for k in mine)
+    third = "http://third.invalid:3"
+    real_peers.update([SELF, OTHER, third], previous=(OTHER,), previous_until=2e9)
+    still_mine = [k for k in mine if real_peers.owner_url(k) == SELF]
+    assert real_peers.previous_owner_of(still_mine[0]).url == OTHER  # a new view asks again
