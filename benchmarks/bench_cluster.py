@@ -18,7 +18,9 @@
    path before: SHMCACHE_PEER_FETCH=pool). Hot copies off everywhere (--hot-fraction 0;
    the Go build gets its 1-in-10 hot copy switched off). Remote-hit p50/p99 and random-key
    throughput (keys warmed as in 2.), as ratios to Go's. --workers sets the workers of each
-   shmcache host (default 4; the three hosts share this machine's cores).
+   shmcache host (default 4; the three hosts share this machine's cores). The throughput
+   runs of the three clusters alternate, --rounds times (default 3), and each one's median
+   counts, so that load coming and going on a shared machine falls on each alike.
 """
 
 import argparse
@@ -30,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -214,8 +217,11 @@ def stop_all(procs):
         proc.wait(60)
 
 
-def versus_go(seconds, keys, workers=4):
-    """Remote hits and throughput of Go, shmcache on the loop and on the pool; or a reason."""
+def versus_go(seconds, keys, workers=4, rounds=3):
+    """Remote hits and throughput of Go, shmcache on the loop and on the pool; or a reason.
+    The three clusters run side by side (idle when not measured) and their throughput runs
+    alternate, ``rounds`` times: on a shared machine, load that comes and goes then falls on
+    each alike; each one's median round counts."""
     workdir = tempfile.mkdtemp(prefix="bench-go-")
     try:
         binary, reason = build_go_node(workdir)
@@ -223,52 +229,63 @@ def versus_go(seconds, keys, workers=4):
             return None, reason
         results = {}
         names = [f"cmp-{i}" for i in range(keys)]
-        for label, start in (
-                ("golang/groupcache", lambda: start_go_cluster(binary)),
-                ("shmcache, loop fetch", lambda: start_cluster(workers=workers, hot_fraction=0)),
-                ("shmcache, pool fetch", lambda: start_cluster(
-                    workers=workers, hot_fraction=0, env={"SHMCACHE_PEER_FETCH": "pool"}))):
-            procs, ports, urls = start()
-            try:
+        clusters = {}
+        try:
+            for label, start in (
+                    ("golang/groupcache", lambda: start_go_cluster(binary)),
+                    ("shmcache, loop fetch", lambda: start_cluster(workers=workers, hot_fraction=0)),
+                    ("shmcache, pool fetch", lambda: start_cluster(
+                        workers=workers, hot_fraction=0, env={"SHMCACHE_PEER_FETCH": "pool"}))):
+                procs, ports, urls = clusters[label] = start()
                 owner_of = go_owner(urls) if label.startswith("golang") else None
                 lat = latencies(ports, urls, names, owner_of)
                 # Hot copies are off: the second ask of each key is a remote hit too.
-                remote = lat["remote hit (via owner)"] + lat["hot-copy hit"]
+                results[label] = [lat["remote hit (via owner)"] + lat["hot-copy hit"], [], 0]
                 if owner_of is not None:       # the Go nodes' remote hits came from owners
                     results["go counters"] = go_counters(ports)
                 warm(ports, 20000)                                 # load every key once
-                rates, errors = throughput(ports, seconds, 20000)
-            finally:
+            for _round in range(rounds):
+                for label, (_procs, ports, _urls) in clusters.items():
+                    rates, errors = throughput(ports, seconds, 20000)
+                    if rates is None:
+                        results[label][1] = None
+                        continue
+                    results[label][1].append(sum(rates))
+                    results[label][2] += errors
+        finally:
+            for procs, _ports, _urls in clusters.values():
                 stop_all(procs)
-            results[label] = (remote, rates, errors)
         return results, None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def print_versus_go(results, reason, seconds, keys, workers=4):
+def print_versus_go(results, reason, seconds, keys, workers=4, rounds=3):
     if results is None:
         print(f"\nversus golang/groupcache: skipped: {reason}")
         return
     print(f"\nversus golang/groupcache, 3 nodes each (shmcache: {workers} workers each), hot copies "
           f"off, {keys} keys x 2 remote asks, wrk -t1 -c16 per host for {seconds} s over 20,000 "
-          f"keys, every key loaded once before:")
+          f"keys, every key loaded once before; req/s: the median of {rounds} alternating "
+          f"rounds (each round's figures in brackets):")
     counters = results.pop("go counters")
     go_remote, go_rates, _ = results["golang/groupcache"]
-    go_p50, go_p99 = percentile(go_remote, 0.5), percentile(go_remote, 0.99)
-    go_rate = sum(go_rates) if go_rates else None
+    go_p50 = percentile(go_remote, 0.5)
+    go_rate = statistics.median(go_rates) if go_rates else None
     pool_p50 = percentile(results["shmcache, pool fetch"][0], 0.5)
     pool_rates = results["shmcache, pool fetch"][1]
     print(f"{'':22} {'remote p50 ms':>13} {'p99 ms':>8} {'p50/Go':>7} {'req/s':>9} "
           f"{'req/s/Go':>8} {'p50/pool':>8} {'req/s/pool':>10} {'non-2xx':>7}")
     for label, (remote, rates, errors) in results.items():
         p50, p99 = percentile(remote, 0.5), percentile(remote, 0.99)
-        rate = sum(rates) if rates else None
+        rate = statistics.median(rates) if rates else None
         rate_text = f"{rate:9,.0f}" if rate else f"{'-':>9}"
         rate_go = f"{rate / go_rate:7.2f}x" if rate and go_rate else f"{'-':>8}"
-        rate_pool = f"{rate / sum(pool_rates):9.2f}x" if rate and pool_rates else f"{'-':>10}"
+        rate_pool = (f"{rate / statistics.median(pool_rates):9.2f}x" if rate and pool_rates
+                     else f"{'-':>10}")
+        each = "  [" + ", ".join(f"{r:,.0f}" for r in rates) + "]" if rates else ""
         print(f"{label:22} {p50:13.3f} {p99:8.3f} {p50 / go_p50:6.2f}x {rate_text} {rate_go} "
-              f"{p50 / pool_p50:7.2f}x {rate_pool} {errors if rates else '-':>7}")
+              f"{p50 / pool_p50:7.2f}x {rate_pool} {errors if rates else '-':>7}{each}")
     print(f"  (Go: {counters['PeerLoads']} peer loads for {len(go_remote)} remote asks, "
           f"{counters['PeerErrors']} peer errors; goal: shmcache on the loop p50 <= 1.0x Go's, "
           f"req/s >= 1.0x Go's)")
@@ -299,12 +316,14 @@ def main():
     parser.add_argument("--keys", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=4,
                         help="workers per shmcache host in the comparison with Go (4.)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating throughput rounds in the comparison with Go (4.)")
     parser.add_argument("--only-go", action="store_true",
                         help="run only the comparison with golang/groupcache (4.)")
     args = parser.parse_args()
     if args.only_go:
-        print_versus_go(*versus_go(args.seconds, args.keys, args.workers), args.seconds,
-                        args.keys, args.workers)
+        print_versus_go(*versus_go(args.seconds, args.keys, args.workers, args.rounds),
+                        args.seconds, args.keys, args.workers, args.rounds)
         return
     procs, ports, urls = start_cluster()
     try:
@@ -316,7 +335,7 @@ def main():
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(60)
-    versus = versus_go(args.seconds, args.keys, args.workers)
+    versus = versus_go(args.seconds, args.keys, args.workers, args.rounds)
     sim = ring_simulation()
 
     print(f"\nhits on loopback, 3 hosts x 4 workers, {args.keys} keys, 100 B values, "
@@ -339,7 +358,7 @@ def main():
           f"ratio {sim['join_moved'] / sim['ideal_join']:.2f})")
     print(f"  a host leaves: {sim['leave_moved']:.4%} of keys move (ideal {sim['ideal_leave']:.4%}, "
           f"ratio {sim['leave_moved'] / sim['ideal_leave']:.2f})")
-    print_versus_go(*versus, args.seconds, args.keys, args.workers)
+    print_versus_go(*versus, args.seconds, args.keys, args.workers, args.rounds)
     print("\ntarget: remote hit p50 <= 0.5 ms")
 
 
