@@ -38,40 +38,41 @@ class Promise:
     def done(self):
         return self._done
 
-    def _settle(self, value, error):
+    def set_result(self, value):
         with self._lock:
             if self._done:
                 raise InvalidStateError(f"{self!r} is already done")
-            self._value, self._error, self._done = value, error, True
+            self._value, self._done = value, True
             callbacks, self._callbacks = self._callbacks, None
             waiter = self._waiter
+        self._finish(callbacks, waiter)
+
+    def set_exception(self, error):
+        with self._lock:
+            if self._done:
+                raise InvalidStateError(f"{self!r} is already done")
+            self._error, self._done = error, True
+            callbacks, self._callbacks = self._callbacks, None
+            waiter = self._waiter
+        self._finish(callbacks, waiter)
+
+    def _finish(self, callbacks, waiter):
         if waiter is not None:
             waiter.set()
         for callback in callbacks:
-            self._call(callback)
-
-    def set_result(self, value):
-        self._settle(value, None)
-
-    def set_exception(self, error):
-        self._settle(None, error)
+            try:
+                callback(self)
+            except Exception:              # as concurrent.futures does: log, carry on
+                log.exception("a Promise's callback %r failed", callback)
 
     def add_done_callback(self, callback):
         with self._lock:
             if not self._done:
                 self._callbacks.append(callback)
                 return
-        self._call(callback)
-
-    def _call(self, callback):
-        try:
-            callback(self)
-        except Exception:                  # as concurrent.futures does: log, carry on
-            log.exception("a Promise's callback %r failed", callback)
+        self._finish((callback,), None)
 
     def _wait(self, timeout):
-        if self._done:
-            return
         with self._lock:
             if self._done:
                 return
@@ -84,13 +85,15 @@ class Promise:
     def result(self, timeout=None):
         """The value; raises the exception it was set with. TimeoutError if not done within
         ``timeout`` seconds (None: wait as long as it takes)."""
-        self._wait(timeout)
+        if not self._done:
+            self._wait(timeout)
         if self._error is not None:
             raise self._error
         return self._value
 
     def exception(self, timeout=None):
-        self._wait(timeout)
+        if not self._done:
+            self._wait(timeout)
         return self._error
 
     def __repr__(self):
