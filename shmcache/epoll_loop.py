@@ -5,6 +5,7 @@ owners so). httpserver.HttpServer is this loop serving HTTP connections; its ``s
 runs the loop.
 """
 
+import collections
 import heapq
 import itertools
 import logging
@@ -38,6 +39,7 @@ class EpollLoop:
         self._compact_at = 4096              # heap size that makes call_later drop cancelled
         self._sequence = itertools.count()
         self._loop_thread = None             # ident of the thread running the loop
+        self._soon = collections.deque()     # functions other threads left for the loop
 
     # -- the loop for others (its own thread only) ---------------------------------------------
 
@@ -61,6 +63,22 @@ class EpollLoop:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def call_soon_threadsafe(self, function):
+        """Run ``function()`` on the loop's thread soon; callable from any thread. (A
+        deque's append and popleft are atomic: the loop takes what is there when it wakes,
+        and a function appended after it looked wakes it again.)"""
+        self._soon.append(function)
+        self._wake()
+
+    def _run_soon(self):
+        soon = self._soon
+        while soon:
+            function = soon.popleft()
+            try:
+                function()
+            except Exception:
+                log.exception("a function called soon failed")
 
     def call_later(self, delay, function):
         """Run ``function()`` on the loop in ``delay`` seconds; a Timer to cancel it."""

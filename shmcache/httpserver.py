@@ -116,6 +116,7 @@ class HttpServer(EpollLoop):
                             os.eventfd_read(self._wake_fd)
                         except BlockingIOError:
                             pass
+                        self._run_soon()
                         self._drain_completions()
                     else:
                         connection = self.connections.get(fd)

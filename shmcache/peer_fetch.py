@@ -25,8 +25,12 @@ and the answer must be complete within its read timeout from then; otherwise the
 fails with PeerUnavailable ("timed out"), as every transport failure does. What a status
 means (404 NotFound, 5xx PeerError) is PeerClient's, so both paths answer alike.
 
-Host names are resolved with getaddrinfo (blocking) the first time a peer is connected to,
-then kept for RESOLVE_TTL seconds; peers named by IP address never block.
+Host names are resolved off the loop: getaddrinfo runs on a short-lived thread (one per
+name at a time, however many fetches wait for it) and hands its answer back to the loop
+(``call_soon_threadsafe``), so a slow or dead resolver delays only the fetches to that peer
+(bounded by their connect timeout), never the loop. Answers are kept RESOLVE_TTL seconds;
+after that the old addresses are still used while a new lookup runs beside (and kept if it
+fails). Peers named by IP address are resolved at once, without a thread.
 
 Everything here runs on the loop's thread only.
 """
@@ -38,6 +42,7 @@ import os
 import select
 import socket
 import ssl
+import threading
 import time
 
 from .errors import PeerUnavailable
@@ -59,12 +64,14 @@ class PeerFetcher:
     """GETs to peers' peer routes on ``loop`` (an HttpServer: watch, rewatch, unwatch,
     call_later). ``fetch``/``peek`` answer like PeerClient's, as Futures."""
 
-    def __init__(self, loop):
+    def __init__(self, loop, getaddrinfo=socket.getaddrinfo):
         self.loop = loop
+        self.getaddrinfo = getaddrinfo    # called on resolver threads only
         self._idle = {}            # peer url -> [_Connection] ready for a request
         self._open = collections.Counter()   # peer url -> connections open
         self._waiting = {}         # peer url -> deque of _Exchanges waiting for a connection
-        self._addresses = {}       # (host, port) -> (resolved at, [sockaddr])
+        self._addresses = {}       # (host, port) -> (resolved at, [(family, sockaddr)])
+        self._resolving = {}       # (host, port) -> [callbacks] while a lookup runs
 
     def in_loop(self):
         return self.loop.in_loop()
@@ -135,14 +142,55 @@ class PeerFetcher:
             if exchange is not None:
                 exchange.connect()
 
-    def addresses(self, host, port):
-        """Where ``host:port`` is: getaddrinfo's answers, kept a while. OSError if none."""
-        known = self._addresses.get((host, port))
-        now = time.monotonic()
-        if known is None or now - known[0] > RESOLVE_TTL:
-            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            known = self._addresses[(host, port)] = (now, [(info[0], info[4]) for info in found])
-        return known[1]
+    def addresses(self, host, port, then):
+        """Call ``then`` on the loop with where ``host:port`` is ([(family, sockaddr)]), or
+        with the OSError of a failed lookup: at once if known (or an IP address), else when
+        the lookup on a resolver thread is done."""
+        key = (host, port)
+        known = self._addresses.get(key)
+        if known is not None:
+            if time.monotonic() - known[0] > RESOLVE_TTL and key not in self._resolving:
+                self._lookup(key, [])                # the old answer serves meanwhile
+            then(known[1])
+            return
+        try:                                         # an IP address: no lookup, no thread
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            waiting = self._resolving.get(key)
+            if waiting is not None:
+                waiting.append(then)
+            else:
+                self._lookup(key, [then])
+            return
+        self._addresses[key] = (time.monotonic(), [(info[0], info[4]) for info in found])
+        then(self._addresses[key][1])
+
+    def _lookup(self, key, waiting):
+        """Resolve ``key`` on a thread of its own; ``waiting``: callbacks for its answer."""
+        self._resolving[key] = waiting
+
+        def lookup():
+            try:
+                found = self.getaddrinfo(*key, type=socket.SOCK_STREAM)
+                outcome = [(info[0], info[4]) for info in found]
+                if not outcome:
+                    outcome = OSError(f"no address for {key[0]}")
+            except OSError as exc:
+                outcome = exc
+            self.loop.call_soon_threadsafe(lambda: self._resolved(key, outcome))
+        threading.Thread(target=lookup, name="shmcache-resolve", daemon=True).start()
+
+    def _resolved(self, key, outcome):
+        """(On the loop.) A lookup's answer: kept unless it failed (an older answer then
+        stays, to be looked up again at the next fetch), and given to who waits for it."""
+        if not isinstance(outcome, OSError):
+            self._addresses[key] = (time.monotonic(), outcome)
+        elif key in self._addresses:
+            log.warning("peer host %s no longer resolves (%s): keeping its last addresses",
+                        key[0], outcome.strerror or outcome)
+        for then in self._resolving.pop(key, ()):
+            then(outcome)
 
     def close(self):
         self._waiting.clear()
@@ -237,14 +285,21 @@ class _Exchange:
         self._deadline(self.client.read_timeout, "timed out waiting for a connection")
 
     def connect(self):
-        """Send on a new connection."""
+        """Send on a new connection, once the peer's host name is resolved (the connect
+        timeout runs from now, so a resolver that does not answer times the fetch out)."""
         self.reused = False
         self._finish()
-        try:
-            self.addresses = list(self.fetcher.addresses(self.client.host, self.client.port))
-        except OSError as exc:
-            self._fail(f"cannot resolve {self.client.host}: {exc.strerror or exc}")
+        self.state = _CONNECT
+        self._deadline(self.client.connect_timeout, "connect timed out")
+        self.fetcher.addresses(self.client.host, self.client.port, self._resolved)
+
+    def _resolved(self, addresses):
+        if self.result.done():                 # timed out while the name was looked up
             return
+        if isinstance(addresses, OSError):
+            self._fail(f"cannot resolve {self.client.host}: {addresses.strerror or addresses}")
+            return
+        self.addresses = list(addresses)
         self._connect()
 
     def _use(self, connection):

@@ -39,9 +39,11 @@ def serve(handle):
 
 class Owner:
     """A peer route answering 200 with a GetResponse, 404 for keys starting "absent", 500
-    for "fail"; it remembers which client connections asked."""
+    for "fail"; it remembers which client connections asked. ``close``: close each
+    connection after its answer."""
 
-    def __init__(self):
+    def __init__(self, close=False):
+        self.close = close
         self.connections = set()
         self.server, self.port = serve(self.handle)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,17 +56,17 @@ class Owner:
         if key.startswith("fail"):
             return error(500, "the getter failed")
         return render(200, encode_get_response(b"value-of-" + key.encode(), 1e9),
-                      content_type=PROTOBUF)
+                      content_type=PROTOBUF, close=self.close)
 
 
 class Asker:
     """The fetching side: GET /<key> fetches ``key`` from ``client`` on the loop and answers
     the outcome as text ("value <v> <expiry>" or "<ExceptionType>: <message>")."""
 
-    def __init__(self, client):
+    def __init__(self, client, getaddrinfo=socket.getaddrinfo):
         self.client = client
         self.server, self.port = serve(self.handle)
-        self.fetcher = PeerFetcher(self.server)
+        self.fetcher = PeerFetcher(self.server, getaddrinfo=getaddrinfo)
 
     def handle(self, request):
         future = self.fetcher.fetch(self.client, "g", request.path[1:])
@@ -96,8 +98,8 @@ def stoppers():
         server.stop()
 
 
-def asker_for(url, stoppers, **options):
-    asker = Asker(PeerClient(url, **options))
+def asker_for(url, stoppers, getaddrinfo=socket.getaddrinfo, **options):
+    asker = Asker(PeerClient(url, **options), getaddrinfo)
     stoppers.append(asker.server)
     return asker
 
@@ -218,3 +220,105 @@ def test_cancelled_timers_do_not_pile_up():
         assert [entry[2].function is not None for entry in server._timers].count(True) == 1
     finally:
         sock.close()
+
+
+# -- host names: resolved off the loop -----------------------------------------------------------
+
+class Resolver:
+    """The system's getaddrinfo, called through a gate: each lookup waits until the test
+    opens it (``release``), and records the thread it ran on."""
+
+    def __init__(self, gated=True):
+        self.gate = threading.Semaphore(0)
+        self.gated = gated
+        self.threads = []
+        self.started = threading.Semaphore(0)
+
+    def __call__(self, host, port, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        self.started.release()
+        if self.gated:
+            assert self.gate.acquire(timeout=60), "the test never released the lookup"
+        return socket.getaddrinfo(host, port, **kwargs)
+
+    def release(self, count=1):
+        for _ in range(count):
+            self.gate.release()
+
+
+def ask_in_thread(asker, key):
+    answer = []
+    thread = threading.Thread(target=lambda: answer.append(asker.ask(key, timeout=60)))
+    thread.start()
+    return thread, answer
+
+
+def test_a_host_name_is_resolved_on_a_thread_not_the_loop(stoppers):
+    owner = Owner()                            # listens on 127.0.0.1; "localhost" may say ::1 first
+    stoppers.append(owner.server)
+    resolver = Resolver(gated=False)
+    asker = asker_for(f"http://localhost:{owner.port}", stoppers, getaddrinfo=resolver)
+    assert asker.ask("k1") == "value value-of-k1 1000000000.0"
+    assert resolver.threads == ["shmcache-resolve"]
+    assert asker.ask("k2") == "value value-of-k2 1000000000.0"     # kept: no second lookup
+    assert resolver.threads == ["shmcache-resolve"]
+
+
+def test_a_slow_lookup_holds_up_only_the_fetches_that_need_it(stoppers):
+    """While the lookup of one peer's name hangs, the same loop fetches from a peer named by
+    address; the waiting fetches (one lookup for all of them) go on once it answers."""
+    named, by_address = Owner(), Owner()
+    stoppers.extend([named.server, by_address.server])
+    resolver = Resolver()
+    asker = asker_for(f"http://localhost:{named.port}", stoppers, getaddrinfo=resolver)
+    waiting = [ask_in_thread(asker, f"slow{i}") for i in range(3)]
+    assert resolver.started.acquire(timeout=60)
+    other = Asker(PeerClient(by_address.url), getaddrinfo=resolver)
+    stoppers.append(other.server)
+    for index in range(5):                     # an IP address never waits for a lookup
+        assert other.ask(f"quick{index}") == f"value value-of-quick{index} 1000000000.0"
+    assert all(thread.is_alive() for thread, _answer in waiting)
+    resolver.release()
+    for index, (thread, answer) in enumerate(waiting):
+        thread.join(60)
+        assert answer == [f"value value-of-slow{index} 1000000000.0"]
+    assert resolver.threads == ["shmcache-resolve"]                # one lookup for three
+
+
+def test_a_lookup_that_never_answers_times_the_fetch_out(stoppers):
+    owner = Owner()
+    stoppers.append(owner.server)
+    resolver = Resolver()
+    asker = asker_for(f"http://localhost:{owner.port}", stoppers, getaddrinfo=resolver,
+                      connect_timeout=0.3)
+    begin = time.monotonic()
+    assert asker.ask("k") == f"PeerUnavailable: http://localhost:{owner.port}: connect timed out"
+    assert time.monotonic() - begin >= 0.3
+    resolver.release()                         # the late answer finds nobody waiting: kept
+    deadline = time.monotonic() + 60
+    while ("localhost", owner.port) not in asker.fetcher._addresses:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert asker.ask("k") == "value value-of-k 1000000000.0"
+
+
+def test_a_name_that_does_not_resolve_is_peer_unavailable(stoppers):
+    asker = asker_for("http://no-such-host.invalid:80", stoppers)
+    assert asker.ask("k").startswith(
+        "PeerUnavailable: http://no-such-host.invalid:80: cannot resolve no-such-host.invalid")
+
+
+def test_an_old_answer_serves_while_the_name_is_looked_up_again(stoppers, monkeypatch):
+    """Past RESOLVE_TTL a new connection still connects at once, to the addresses known,
+    while a new lookup runs beside it."""
+    owner = Owner(close=True)                  # a new connection for every fetch
+    stoppers.append(owner.server)
+    resolver = Resolver()
+    asker = asker_for(f"http://localhost:{owner.port}", stoppers, getaddrinfo=resolver)
+    resolver.release()
+    assert asker.ask("k1") == "value value-of-k1 1000000000.0"
+    monkeypatch.setattr(peer_fetch, "RESOLVE_TTL", 0.0)
+    for index in range(3):                     # the second lookup hangs: nobody waits for it
+        assert asker.ask(f"k{index}") == f"value value-of-k{index} 1000000000.0"
+    assert resolver.threads == ["shmcache-resolve"] * 2
+    resolver.release()
