@@ -79,6 +79,8 @@ def split_group_key(rest):
     group, slash, key = rest.partition("/")
     if not slash or not group or not key:
         raise BadPath("expected /<group>/<key>")
+    if "%" not in rest:                   # nothing escaped: unquote would give the same
+        return group, key
     return _unescape(group, rest), _unescape(key, rest)
 
 
@@ -167,10 +169,11 @@ class Front(BatchRoutes):
         return group, key
 
     def _check_group(self, group):
+        if self.node.group(group) is not None:     # a group served is a valid name
+            return
         if not is_group_name(group):
             raise _Answer(error(400, f"bad group name: {GROUP_NAME_RULE}"))
-        if self.node.group(group) is None:
-            raise _Answer(error(404, f"unknown group {group!r}"))
+        raise _Answer(error(404, f"unknown group {group!r}"))
 
     def _check_key(self, key):
         """InvalidKey unless ``key`` is text of 1 to max_key_bytes UTF-8 bytes."""
