@@ -3,7 +3,7 @@
 A ``concurrent.futures.Future`` builds a Condition (and its RLock) when made and takes it at
 every step: about 2 us a life, paid two or three times by each get that goes to the owner.
 The Get path's own answers (peer_fetch.py, node.py, the combinators here) are Promises
-instead: one plain lock, no Condition unless a thread really waits, 0.4 us a life. Pool
+instead: one plain lock, no Condition unless a thread really waits, under 1 us a life. Pool
 work (``ThreadPoolExecutor.submit``) still answers with Futures; every consumer here takes
 either (``FUTURES``), using only what both have: done, result, exception,
 add_done_callback, set_result, set_exception.

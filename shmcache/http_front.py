@@ -310,8 +310,9 @@ class Front(BatchRoutes):
             return answer.response
         node = self.node
         if method == "GET":
-            if request.query and parse_qs(request.query).get("peek") == ["1"]:   # from memory only (discovery.py)
-                answer = node.peek(group, key, from_peer=True)  # a peek refreshes nothing
+            if request.query and parse_qs(request.query).get("peek") == ["1"]:
+                # from memory only (discovery.py); a peek refreshes nothing
+                answer = node.peek(group, key, from_peer=True)
                 if answer is None:
                     return error(404, f"{group}/{key[:100]} is not held here")
             else:

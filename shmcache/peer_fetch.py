@@ -183,10 +183,11 @@ class PeerFetcher:
 
     def _resolved(self, key, outcome):
         """(On the loop.) A lookup's answer: kept unless it failed (an older answer then
-        stays, to be looked up again at the next fetch), and given to who waits for it."""
+        stays for another RESOLVE_TTL), and given to who waits for it."""
         if not isinstance(outcome, OSError):
             self._addresses[key] = (time.monotonic(), outcome)
-        elif key in self._addresses:
+        elif key in self._addresses:             # asked again in RESOLVE_TTL, not at once
+            self._addresses[key] = (time.monotonic(), self._addresses[key][1])
             log.warning("peer host %s no longer resolves (%s): keeping its last addresses",
                         key[0], outcome.strerror or outcome)
         for then in self._resolving.pop(key, ()):

@@ -322,3 +322,24 @@ def test_an_old_answer_serves_while_the_name_is_looked_up_again(stoppers, monkey
         assert asker.ask(f"k{index}") == f"value value-of-k{index} 1000000000.0"
     assert resolver.threads == ["shmcache-resolve"] * 2
     resolver.release()
+
+
+def test_a_name_that_stops_resolving_keeps_its_last_addresses(stoppers, monkeypatch, caplog):
+    owner = Owner(close=True)
+    stoppers.append(owner.server)
+    calls = []
+
+    def flaky(host, port, **kwargs):         # the first lookup answers, later ones fail
+        calls.append(host)
+        if len(calls) > 1:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return socket.getaddrinfo(host, port, **kwargs)
+    asker = asker_for(f"http://localhost:{owner.port}", stoppers, getaddrinfo=flaky)
+    assert asker.ask("k0") == "value value-of-k0 1000000000.0"
+    monkeypatch.setattr(peer_fetch, "RESOLVE_TTL", 0.0)
+    assert asker.ask("k1") == "value value-of-k1 1000000000.0"     # starts the failing lookup
+    deadline = time.monotonic() + 60
+    while "no longer resolves" not in caplog.text:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert asker.ask("k2") == "value value-of-k2 1000000000.0"     # the last addresses serve
