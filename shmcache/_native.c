@@ -625,7 +625,22 @@ typedef struct {
     Py_ssize_t item_header_bytes, o_word0, o_klen, o_gid, o_expiry, groups_off, group_record_bytes;
     Py_ssize_t g_sets, refbits_off, pages_off, refbit_granule;
     uint64_t keep_mask, state_writing;
+    /* the new-key insertion (writer_insert): slab, ring, bucket and count fields */
+    Py_ssize_t classes_off, class_record_bytes, c_partial, max_classes;
+    Py_ssize_t c_chunk_size, c_vote_size, c_vote_lead, h_class_count, h_free_pages;
+    Py_ssize_t chunk_align, fit_shift, votes_for_new_class, g_budget;
+    Py_ssize_t pagemeta_off, page_record_bytes, page_size, npages;
+    Py_ssize_t p_class, p_carve, p_used, p_free_head, p_chunk_size, p_slots;
+    Py_ssize_t p_class_carve, p_used_free;
+    Py_ssize_t o_chain, o_state, o_vlen, o_prev, o_next;
+    Py_ssize_t g_hand, g_bytes, g_items, max_groups;
 } Writer;
+
+static inline void
+put_u32(uint8_t *p, uint32_t v)
+{
+    memcpy(p, &v, 4);
+}
 
 static inline uint64_t
 get_u64(const uint8_t *p)
@@ -744,6 +759,258 @@ done:
     return result;
 }
 
+/* -- the new-key insertion of Index.store (lru_index.py), in C -------------------------------
+ *
+ * The common case only: a chunk of the class from the first page on its partial list (from
+ * the page's free list, else carved), then the item, the ring, the bucket and the counts,
+ * exactly as Slabs.alloc and Index.store make them. Anything else (no partial page, a full
+ * one at the head, a record out of bounds) is declined before the first store: Python then
+ * does the whole insertion as it always did.
+ *
+ * Before the chunk, what Index.store and Slabs.class_for do first: the budget check (over
+ * budget: declined, Python evicts) and the class choice, the smallest chunk size that holds
+ * the item, the lowest class id among equal sizes (class_for's sorted list and bisect). A
+ * bad fit casts Slabs._vote's vote (an unjournaled hint), unless that vote would make a new
+ * class: then declined. Every decision is taken before the first write, so a declined call
+ * has written nothing, not even the vote. */
+
+static int
+journal_call(Writer *self, uint8_t *buf, Py_ssize_t size, Py_ssize_t *pos, const char *what,
+             Py_ssize_t off, int width, uint64_t first, uint64_t second, uint64_t step)
+{
+    /* One journal.w32 (width 4), w64 (8) or w64x2 (16) call: the pause hook, the full check
+     * journal.py makes, the entries (step id last), then the store(s). */
+    if (pause_before(self, what) < 0)
+        return -1;
+    Py_ssize_t p = *pos, word = off & ~(Py_ssize_t)7;
+    if (p + (width == 16 ? self->entry_bytes : 0) >= self->log_end) {
+        PyErr_Format(self->journal_full, "journal step exceeded its log");
+        return -1;
+    }
+    if (off < 0 || word + (width == 16 ? 16 : 8) > size || (width > 4 && off & 7)) {
+        PyErr_Format(PyExc_ValueError, "insert: journaled word %zd out of bounds", off);
+        return -1;
+    }
+    if (width == 16) {
+        uint64_t old_first = get_u64(buf + off), old_second = get_u64(buf + off + 8);
+        put_u64(buf + p + self->e_word, (uint64_t)off);
+        put_u64(buf + p + self->e_old, old_first);
+        BARRIER();
+        put_u64(buf + p + self->e_step, step);
+        BARRIER();
+        p += self->entry_bytes;
+        put_u64(buf + p + self->e_word, (uint64_t)off + 8);
+        put_u64(buf + p + self->e_old, old_second);
+        BARRIER();
+        put_u64(buf + p + self->e_step, step);
+        BARRIER();
+        put_u64(buf + off, first);
+        put_u64(buf + off + 8, second);
+    }
+    else {
+        put_u64(buf + p + self->e_word, (uint64_t)word);
+        put_u64(buf + p + self->e_old, get_u64(buf + word));
+        BARRIER();
+        put_u64(buf + p + self->e_step, step);
+        BARRIER();
+        if (width == 8)
+            put_u64(buf + off, first);
+        else
+            put_u32(buf + off, (uint32_t)first);
+    }
+    BARRIER();
+    *pos = p + self->entry_bytes;
+    return 0;
+}
+
+static PyObject *
+writer_insert(Writer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* insert(gid, bucket_off, key, value, seconds, state_and_frac, pos, step)
+     * -> the journal's new pos (the step stays open, the same one), or None: declined,
+     * nothing written. */
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "insert() takes 8 arguments");
+        return NULL;
+    }
+    Py_ssize_t gid = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t bucket_off = PyLong_AsSsize_t(args[1]);
+    unsigned long long seconds = PyLong_AsUnsignedLongLong(args[4]);
+    unsigned long long state_frac = PyLong_AsUnsignedLongLong(args[5]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[6]);
+    unsigned long long step = PyLong_AsUnsignedLongLong(args[7]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer key, value, arena;
+    if (PyObject_GetBuffer(args[2], &key, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[3], &value, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&key);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(self->buf, &arena, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&value);
+        PyBuffer_Release(&key);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint8_t *buf = arena.buf;
+    Py_ssize_t size = arena.len, klen = key.len, vlen = value.len, nbytes = klen + vlen;
+    Py_ssize_t group = self->groups_off + gid * self->group_record_bytes;
+    if (gid < 0 || gid >= self->max_groups || klen > 255 || vlen > 0xFFFFFFFFLL
+            || seconds > 0xFFFFFFFFULL || state_frac > 0xFFFFFFFFULL
+            || bucket_off < 0 || bucket_off + 4 > size
+            || group + self->group_record_bytes > size || pos < self->log_start
+            || self->classes_off + self->max_classes * self->class_record_bytes > size
+            || self->pagemeta_off + self->npages * self->page_record_bytes > size
+            || self->h_class_count + 4 > size || self->h_free_pages + 4 > size) {
+        PyErr_SetString(PyExc_ValueError, "insert: argument out of range");
+        goto done;
+    }
+    /* Every check below reads what only writers change, and this writer holds the write
+     * lock (store.py's ``locked``), so nothing changes between a check and the stores it
+     * decides. Lock-free readers do not look at classes, pages, rings or counts; the one
+     * shared word they write is a reference byte (see the bit cleared below). */
+    /* Index.store: over budget, Python evicts first */
+    if (get_u64(buf + group + self->g_bytes) + (uint64_t)nbytes
+            > get_u64(buf + group + self->g_budget))
+        goto declined;
+    /* Slabs.class_for */
+    uint64_t need = (uint64_t)(self->item_header_bytes + nbytes);
+    need = (need + self->chunk_align - 1) / self->chunk_align * self->chunk_align;
+    uint32_t count = get_u32(buf + self->h_class_count);
+    Py_ssize_t class_id = -1;
+    uint64_t best = 0;
+    for (Py_ssize_t c = 0; c < count && c < self->max_classes; c++) {
+        uint64_t chunk_size = get_u32(buf + self->classes_off + c * self->class_record_bytes
+                                      + self->c_chunk_size);
+        if (chunk_size >= need && (class_id < 0 || chunk_size < best)) {
+            class_id = c;
+            best = chunk_size;
+        }
+    }
+    if (class_id < 0 || count > self->max_classes)
+        goto declined;                          /* no class holds it: Python says so */
+    Py_ssize_t class_rec = self->classes_off + class_id * self->class_record_bytes;
+    int voting = best - need > best >> self->fit_shift;
+    uint32_t candidate = get_u32(buf + class_rec + self->c_vote_size);
+    uint32_t lead = get_u32(buf + class_rec + self->c_vote_lead);
+    if (voting) {                               /* Slabs._vote, all but the new class */
+        if (candidate == need)
+            lead += 1;
+        else if (lead == 0) {
+            candidate = (uint32_t)need;
+            lead = 1;
+        }
+        else
+            lead -= 1;
+        if (lead == 0 && candidate == need) /* the lead wrapped: Python's pack fails */
+            goto declined;
+        if (lead >= self->votes_for_new_class && count < self->max_classes
+                && get_u32(buf + self->h_free_pages) > 0)
+            goto declined;                      /* a new class: Python makes it */
+    }
+    /* Slabs.alloc, when the first page on the class's partial list has a chunk */
+    uint32_t head = get_u32(buf + class_rec + self->c_partial);
+    if (head == 0 || head > self->npages)
+        goto declined;                          /* a new page first: Python's _take_free_page */
+    Py_ssize_t page = head - 1;
+    uint8_t *page_rec = buf + self->pagemeta_off + page * self->page_record_bytes;
+    uint32_t cls = get_u32(page_rec + self->p_class), carve = get_u32(page_rec + self->p_carve);
+    uint32_t used = get_u32(page_rec + self->p_used);
+    uint32_t free_head = get_u32(page_rec + self->p_free_head);
+    uint32_t chunk = get_u32(page_rec + self->p_chunk_size);
+    uint32_t slots = get_u32(page_rec + self->p_slots);
+    if (!free_head && carve >= slots)
+        goto declined;                          /* full: Python takes it off the list */
+    Py_ssize_t base = self->pages_off + page * self->page_size;
+    Py_ssize_t offset = base + (Py_ssize_t)((free_head ? free_head - 1 : carve)) * chunk;
+    Py_ssize_t bit = (offset - self->pages_off) / self->refbit_granule;
+    Py_ssize_t byte = self->refbits_off + (bit >> 3);
+    if (offset + self->item_header_bytes + nbytes > size || byte >= size)
+        goto declined;                          /* torn records: Python's checks decide */
+    uint64_t ref = (uint64_t)offset >> 3;
+    if (ref > 0xFFFFFFFFULL)
+        goto declined;
+    Py_ssize_t page_at = page_rec - buf;
+    if (voting) {                               /* the vote: a hint, not journaled */
+        put_u32(buf + class_rec + self->c_vote_size, candidate);
+        put_u32(buf + class_rec + self->c_vote_lead, lead);
+    }
+    if (free_head) {
+        uint64_t link = get_u32(buf + offset + self->o_chain);
+        if (journal_call(self, buf, size, &pos, "w64", page_at + self->p_used_free, 8,
+                         (uint64_t)used + 1 + (link << 32), 0, step) < 0)
+            goto done;
+    }
+    else if (journal_call(self, buf, size, &pos, "w64x2", page_at + self->p_class_carve, 16,
+                          (uint64_t)cls + (((uint64_t)carve + 1) << 32), (uint64_t)used + 1,
+                          step) < 0)
+        goto done;
+    /* The chunk is not reachable yet: only word 0 (free-list link and state) is journaled. */
+    uint64_t high = state_frac | (uint64_t)klen << 8 * (self->o_klen - self->o_state)
+                    | (uint64_t)gid << 8 * (self->o_gid - self->o_state);
+    uint64_t word0 = get_u32(buf + bucket_off) | high << 8 * (self->o_state - self->o_word0);
+    if (journal_call(self, buf, size, &pos, "w64", offset + self->o_word0, 8, word0, 0,
+                     step) < 0)
+        goto done;
+    uint8_t *start = buf + offset + self->item_header_bytes;
+    memcpy(start, key.buf, klen);
+    memcpy(start + klen, value.buf, vlen);
+    /* A reader setting a neighbour's bit in the same byte meanwhile may lose it, as in
+     * Python's ``&=``: a lost reference costs that item its second chance, nothing else. */
+    buf[byte] &= (uint8_t)~(1 << (bit & 7));
+    /* into the ring, behind the hand */
+    uint32_t hand = get_u32(buf + group + self->g_hand);
+    if (hand) {
+        Py_ssize_t hand_at = (Py_ssize_t)hand << 3;
+        if (hand_at + self->item_header_bytes > size) {
+            PyErr_Format(PyExc_ValueError, "insert: ring item %zd out of bounds", hand_at);
+            goto done;
+        }
+        uint32_t newest = get_u32(buf + hand_at + self->o_prev);
+        put_u32(buf + offset + self->o_expiry, (uint32_t)seconds);
+        put_u32(buf + offset + self->o_vlen, (uint32_t)vlen);
+        put_u32(buf + offset + self->o_prev, newest);
+        put_u32(buf + offset + self->o_next, hand);
+        if (journal_call(self, buf, size, &pos, "w32", ((Py_ssize_t)newest << 3) + self->o_next,
+                         4, ref, 0, step) < 0
+                || journal_call(self, buf, size, &pos, "w32", hand_at + self->o_prev, 4, ref, 0,
+                                step) < 0)
+            goto done;
+    }
+    else {
+        put_u32(buf + offset + self->o_expiry, (uint32_t)seconds);
+        put_u32(buf + offset + self->o_vlen, (uint32_t)vlen);
+        put_u32(buf + offset + self->o_prev, (uint32_t)ref);
+        put_u32(buf + offset + self->o_next, (uint32_t)ref);
+        if (journal_call(self, buf, size, &pos, "w32", group + self->g_hand, 4, ref, 0, step) < 0)
+            goto done;
+    }
+    /* Published. The item's stripe is odd since Index.store began (readers retry), and a
+     * reader that walks the chain anyway sees the bucket change only after the item is
+     * whole: the barriers in journal_call keep the stores in this order, x86-64 keeps them
+     * in order for other cores. */
+    if (journal_call(self, buf, size, &pos, "w32", bucket_off, 4, ref, 0, step) < 0)
+        goto done;
+    uint64_t held = get_u64(buf + group + self->g_bytes);
+    uint64_t items = get_u64(buf + group + self->g_items);
+    if (journal_call(self, buf, size, &pos, "w64x2", group + self->g_bytes, 16,
+                     held + (uint64_t)nbytes, items + 1, step) < 0)
+        goto done;
+    Py_ssize_t sets = group + self->g_sets;
+    put_u64(buf + sets, get_u64(buf + sets) + 1);
+    result = PyLong_FromSsize_t(pos);
+    goto done;
+declined:
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&arena);
+    PyBuffer_Release(&value);
+    PyBuffer_Release(&key);
+    return result;
+}
+
 static Py_ssize_t
 constant(PyObject *constants, const char *name)
 {
@@ -777,6 +1044,22 @@ writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         {"groups_off", &self->groups_off}, {"group_record_bytes", &self->group_record_bytes},
         {"g_sets", &self->g_sets}, {"refbits_off", &self->refbits_off},
         {"pages_off", &self->pages_off}, {"refbit_granule", &self->refbit_granule},
+        {"classes_off", &self->classes_off}, {"class_record_bytes", &self->class_record_bytes},
+        {"c_partial", &self->c_partial}, {"max_classes", &self->max_classes},
+        {"c_chunk_size", &self->c_chunk_size}, {"c_vote_size", &self->c_vote_size},
+        {"c_vote_lead", &self->c_vote_lead}, {"h_class_count", &self->h_class_count},
+        {"h_free_pages", &self->h_free_pages}, {"chunk_align", &self->chunk_align},
+        {"fit_shift", &self->fit_shift}, {"votes_for_new_class", &self->votes_for_new_class},
+        {"g_budget", &self->g_budget},
+        {"pagemeta_off", &self->pagemeta_off}, {"page_record_bytes", &self->page_record_bytes},
+        {"page_size", &self->page_size}, {"npages", &self->npages},
+        {"p_class", &self->p_class}, {"p_carve", &self->p_carve}, {"p_used", &self->p_used},
+        {"p_free_head", &self->p_free_head}, {"p_chunk_size", &self->p_chunk_size},
+        {"p_slots", &self->p_slots}, {"p_class_carve", &self->p_class_carve},
+        {"p_used_free", &self->p_used_free}, {"o_chain", &self->o_chain},
+        {"o_state", &self->o_state}, {"o_vlen", &self->o_vlen}, {"o_prev", &self->o_prev},
+        {"o_next", &self->o_next}, {"g_hand", &self->g_hand}, {"g_bytes", &self->g_bytes},
+        {"g_items", &self->g_items}, {"max_groups", &self->max_groups},
     };
     for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
         *fields[i].slot = constant(constants, fields[i].name);
@@ -791,7 +1074,32 @@ writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     PyObject *mask = PyDict_GetItemString(constants, "keep_mask");
     if (state_writing < 0 || mask == NULL || self->refbit_granule == 0
             || self->e_word + 8 > self->entry_bytes || self->e_old + 8 > self->entry_bytes
-            || self->e_step + 8 > self->entry_bytes || self->o_word0 + 8 > self->item_header_bytes) {
+            || self->e_step + 8 > self->entry_bytes || self->o_word0 + 8 > self->item_header_bytes
+            /* insert: word 0 holds state, key length and group id above the chain, one u64
+             * the w64x2s write two adjacent words, and every record field lies inside it */
+            || self->o_state < self->o_word0 || self->o_klen <= self->o_state
+            || self->o_gid <= self->o_klen || self->o_gid >= self->o_word0 + 8
+            || self->p_used_free != self->p_used || self->p_free_head != self->p_used + 4
+            || self->p_class_carve != self->p_class || self->p_carve != self->p_class + 4
+            || self->g_items != self->g_bytes + 8 || self->page_size == 0
+            || self->chunk_align == 0 || self->fit_shift > 31
+            || self->c_chunk_size + 4 > self->class_record_bytes
+            || self->c_vote_size + 4 > self->class_record_bytes
+            || self->c_vote_lead + 4 > self->class_record_bytes
+            || self->g_budget + 8 > self->group_record_bytes
+            || self->c_partial + 4 > self->class_record_bytes
+            || self->p_slots + 4 > self->page_record_bytes
+            || self->p_chunk_size + 4 > self->page_record_bytes
+            || self->p_used_free + 8 > self->page_record_bytes
+            || self->p_class_carve + 16 > self->page_record_bytes
+            || self->g_hand + 4 > self->group_record_bytes
+            || self->g_bytes + 16 > self->group_record_bytes
+            || self->g_sets + 8 > self->group_record_bytes
+            || self->o_vlen + 4 > self->item_header_bytes
+            || self->o_prev + 4 > self->item_header_bytes
+            || self->o_next + 4 > self->item_header_bytes
+            || self->o_expiry + 4 > self->item_header_bytes
+            || self->o_chain + 4 > self->item_header_bytes) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_ValueError, "Writer: bad constants");
         Py_DECREF(self);
@@ -819,6 +1127,10 @@ static PyMethodDef writer_methods[] = {
     {"rewrite", (PyCFunction)(void (*)(void))writer_rewrite, METH_FASTCALL,
      "rewrite(offset, value, seconds, state_and_frac, pos, step): lru_index's in-place "
      "rewrite step; returns the journal step left open"},
+    {"insert", (PyCFunction)(void (*)(void))writer_insert, METH_FASTCALL,
+     "insert(gid, bucket_off, key, value, seconds, state_and_frac, pos, step): lru_index's "
+     "new-key insertion when no eviction, new class or new page is due; returns "
+     "the journal's new pos, or None (declined: nothing written)"},
     {NULL},
 };
 
@@ -831,7 +1143,8 @@ static PyMemberDef writer_members[] = {
 static PyTypeObject WriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmcache._native.Writer",
-    .tp_doc = "Writer(buf, constants, JournalFull): lru_index.py's in-place rewrite, in C",
+    .tp_doc = "Writer(buf, constants, JournalFull): lru_index.py's in-place rewrite and "
+              "new-key insertion, in C",
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = writer_new,
@@ -842,7 +1155,8 @@ static PyTypeObject WriterType = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "shmcache._native",
-    "reader.py's lock-free read path and lru_index.py's in-place rewrite, in C (optional).", -1, NULL,
+    "reader.py's lock-free read path and lru_index.py's in-place rewrite and new-key "
+    "insertion, in C (optional).", -1, NULL,
 };
 
 PyMODINIT_FUNC

@@ -101,8 +101,9 @@ class Index:
         self.seeds = [(seed + gid * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
                       for gid in range(lay.max_groups)]
         self._marked = []                    # stripe counters this write section made odd
-        self.native_writer = None            # the C twin of _rewrite (reader.native_writer)
+        self.native_writer = None            # the C twins of _rewrite and of store's insertion
         self._native_rewrite = None          # its rewrite method
+        self._native_insert = None           # its new-key insertion (the common case)
 
     # -- readers ------------------------------------------------------------------------------
     # The lock-free read path is reader.make_reader; this is its fallback under the lock.
@@ -199,11 +200,17 @@ class Index:
             # key and value are written unjournaled, which is only sound in a chunk that was
             # already free when the step began (every eviction commits the same way).
             journal.checkpoint()
+        seconds, frac = expiry_fields(expire_at)
+        if self._native_insert is not None:    # in C unless an eviction, class or page is due
+            pos = self._native_insert(gid, bucket_off, key, value, seconds, state | frac << 24,
+                                      journal.pos, journal.step)
+            if pos is not None:                # else declined, nothing written: as below
+                journal.pos = pos
+                return True
         if _U64.unpack_from(buf, group + _G_BYTES)[0] + size > budget:
             self._evict_for_budget(gid, size, now)
         class_id = self.slabs.class_for(ITEM_HEADER_BYTES + size)   # only what a new chunk needs
         offset = self.slabs.alloc(class_id) or self._make_room(class_id, gid, now)
-        seconds, frac = expiry_fields(expire_at)
         ref = offset >> 3
         # The chunk is not reachable yet: only word 0 (free-list link and state) is journaled.
         journal.w64(offset + ITEM_WORD0, _U32.unpack_from(buf, bucket_off)[0]

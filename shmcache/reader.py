@@ -47,11 +47,13 @@ import time
 import xxhash
 
 from .errors import InvalidKey
-from .layout import (BUCKET_BYTES, GROUP, GROUP_RECORD_BYTES, HEADER, ITEM, ITEM_HEADER_BYTES,
-                     ITEM_WORD0, LOG_ENTRY, MAX_KEY_BYTES, REFBIT_GRANULE, STRIPE_BYTES)
+from .layout import (BUCKET_BYTES, CLASS_RECORD_BYTES, GROUP, GROUP_RECORD_BYTES, HEADER, ITEM,
+                     ITEM_HEADER_BYTES, ITEM_WORD0, LOG_ENTRY, MAX_CLASSES, MAX_KEY_BYTES, PAGE,
+                     PAGE_RECORD_BYTES, REFBIT_GRANULE, SLAB_CLASS, STRIPE_BYTES)
 from .lru_index import _F64, _FRACTION, _HEAD, _KEEP_LINK_KEY_GROUP, _U32, encode_key
 from .metrics import HITS, HOT_HITS, KINDS, MISSES, NEGATIVE_HITS, PER_GROUP
-from .slabs import STATE_LIVE, STATE_NEGATIVE, STATE_WRITING
+from .slabs import (CHUNK_ALIGN, FIT_SHIFT, STATE_LIVE, STATE_NEGATIVE, STATE_WRITING,
+                    VOTES_FOR_NEW_CLASS)
 
 # The pure-Python hit path spells these as literals, for speed, and _native.c the stripe
 # and bucket sizes: held to layout.py here.
@@ -102,14 +104,20 @@ def native_wanted():
 
 
 def native_writer(index, journal_full):
-    """The C twin of ``index``'s in-place rewrite (``_native.Writer``, the same stores as
-    ``Index._rewrite`` in the same order) when the C reader is used too, else None: one
-    switch (SHMCACHE_PURE_PYTHON) picks C or Python for both. ``journal_full``: the
-    exception a step too long for the log raises (journal.JournalFull)."""
+    """The C twin of ``index``'s in-place rewrite and of the common case of its new-key
+    insertion (``_native.Writer``: the same stores as ``Index._rewrite`` and as
+    ``Index.store`` with ``Slabs.alloc``, in the same order) when the C reader is used too,
+    else None: one switch (SHMCACHE_PURE_PYTHON) picks C or Python for all of them.
+    ``journal_full``: the exception a step too long for the log raises (journal.JournalFull)."""
     if not native_wanted():
         return None
-    journal = index.journal
-    return _native.Writer(index.buf, {
+    return _native.Writer(index.buf, native_writer_layout(index), journal_full)
+
+
+def native_writer_layout(index):
+    """The constants the C writer works with, all from their one definition."""
+    journal, slabs = index.journal, index.slabs
+    return {
         "log_start": journal.start, "log_end": journal.end, "entry_bytes": LOG_ENTRY.nbytes,
         "e_word": LOG_ENTRY.word, "e_old": LOG_ENTRY.old, "e_step": LOG_ENTRY.step,
         "tx_active": HEADER.tx_active, "tx_seq": HEADER.tx_seq,
@@ -119,7 +127,24 @@ def native_writer(index, journal_full):
         "refbits_off": index.refbits_off, "pages_off": index.pages_off,
         "refbit_granule": REFBIT_GRANULE, "state_writing": STATE_WRITING,
         "keep_mask": _KEEP_LINK_KEY_GROUP & 0xFFFFFFFFFFFFFFFF,
-    }, journal_full)
+        # the new-key insertion: slab classes and pages (slabs.py), the ring and the counts
+        "classes_off": slabs.classes_off, "class_record_bytes": CLASS_RECORD_BYTES,
+        "c_partial": SLAB_CLASS.partial, "max_classes": MAX_CLASSES,
+        "c_chunk_size": SLAB_CLASS.chunk_size, "c_vote_size": SLAB_CLASS.vote_size,
+        "c_vote_lead": SLAB_CLASS.vote_lead, "h_class_count": HEADER.class_count,
+        "h_free_pages": HEADER.free_pages, "chunk_align": CHUNK_ALIGN, "fit_shift": FIT_SHIFT,
+        "votes_for_new_class": VOTES_FOR_NEW_CLASS, "g_budget": GROUP.budget,
+        "pagemeta_off": slabs.pagemeta_off, "page_record_bytes": PAGE_RECORD_BYTES,
+        "page_size": slabs.page_size, "npages": slabs.npages,
+        "p_class": PAGE.class_id, "p_carve": PAGE.carve, "p_used": PAGE.used,
+        "p_free_head": PAGE.free_head, "p_chunk_size": PAGE.chunk_size, "p_slots": PAGE.slots,
+        "p_class_carve": PAGE.pair("class_id", "carve"),
+        "p_used_free": PAGE.pair("used", "free_head"),
+        "o_chain": ITEM.chain, "o_state": ITEM.state, "o_vlen": ITEM.vlen,
+        "o_prev": ITEM.prev, "o_next": ITEM.next,
+        "g_hand": GROUP.hand, "g_bytes": GROUP.bytes, "g_items": GROUP.items,
+        "max_groups": index.max_groups,
+    }
 
 
 def make_reader(index, group_ids, resolve_group, locked_lookup, counts, with_expiry=False,

@@ -37,6 +37,8 @@ from .layout import (CLASS_RECORD_BYTES, HEADER, ITEM, MAX_CLASSES, PAGE, PAGE_R
 GROWTH_FACTOR = 1.25
 MIN_CHUNK = 32                  # = REFBIT_GRANULE: every chunk start gets its own CLOCK bit
 VOTES_FOR_NEW_CLASS = 32
+CHUNK_ALIGN = 8               # chunk sizes and the sizes items ask for are multiples of it
+FIT_SHIFT = 4                 # a chunk more than size >> FIT_SHIFT too big fits badly: vote
 VICTIM_CANDIDATES = 16        # pages looked at when one must be emptied for another class
 STATE_FREE = 0
 STATE_LIVE = 1
@@ -133,13 +135,13 @@ class Slabs:
 
     def class_for(self, need):
         """The class to hold an item of ``need`` bytes (header included); None if none can."""
-        need = -(-need // 8) * 8
+        need = -(-need // CHUNK_ALIGN) * CHUNK_ALIGN
         sizes = self._sorted_sizes()
         index = bisect.bisect_left(self._size_keys, need)
         if index == len(sizes):
             return None
         size, class_id = sizes[index]
-        if size - need > size >> 4:
+        if size - need > size >> FIT_SHIFT:
             return self._vote(class_id, need)
         return class_id
 

@@ -71,7 +71,9 @@ class Store(ReadModifyWrite):
         self.index = Index(arena, self.journal, self.slabs)
         writer = native_writer(self.index, JournalFull)
         if writer is not None:
-            self.index.native_writer, self.index._native_rewrite = writer, writer.rewrite
+            index = self.index
+            index.native_writer, index._native_rewrite = writer, writer.rewrite
+            index._native_insert = writer.insert
         # This process's descriptor for byte locks, opened through the mapped descriptor
         # rather than the name: the name may point to a newer segment by now.
         self.lock_file = LockFile(f"/proc/self/fd/{arena.fd}")

@@ -16,6 +16,8 @@ from valuecheck import make_value
 
 OPERATIONS = {
     "insert": lambda c: c.set("g", "target", make_value("g", "target", 9, 2, 100)),
+    "insert_carve": lambda c: c.set("g", "target", make_value("g", "target", 9, 2, 100)),
+    "insert_free": lambda c: c.set("g", "target", make_value("g", "target", 9, 2, 100)),
     "rewrite": lambda c: c.set("g", "target", make_value("g", "target", 9, 2, 100)),
     "resize": lambda c: c.set("g", "target", make_value("g", "target", 9, 2, 3000)),
     "evict": lambda c: c.set("g", "target", make_value("g", "target", 9, 2, 100)),
@@ -47,8 +49,8 @@ def main():
     for method_name in ("w32", "w64", "w64x2", "checkpoint"):
         setattr(journal.Journal, method_name, pausing(method_name))
     writer = cache._attachment.current.index.native_writer
-    if writer is not None:        # the C rewrite pauses at the same points (_native.c)
-        writer.pause = pause_point
+    if writer is not None:        # the C rewrite and insertion pause at the same points
+        writer.pause = lambda what: pause_point(f"{what} in C")
     OPERATIONS[operation](cache)
     print("completed", flush=True)
 

@@ -45,7 +45,8 @@ def freeze_in_incr(cache, key, pause_at):
         return method
     for name in ("w32", "w64", "w64x2", "checkpoint"):
         setattr(journal.Journal, name, pausing(getattr(journal.Journal, name)))
-    # A same-size rewrite may run in C (_native.Writer): it pauses at the same points.
+    # A rewrite or a new-key insertion may run in C (_native.Writer): it pauses at the
+    # same points.
     writer = cache._run(lambda client: client._attachment.current.index.native_writer)
     if writer is not None:
         writer.pause = pause_point

@@ -31,7 +31,9 @@ NEW_LARGE = make_value("g", "target", 9, 2, 6000)
 
 # operation -> (setup, values the target may have after the kill)
 SCENARIOS = {
-    "insert": ("empty", {None, NEW}),
+    "insert": ("empty", {None, NEW}),        # the first item of its class: a new page
+    "insert_carve": ("neighbours", {None, NEW}),    # a chunk carved from a partial page
+    "insert_free": ("holes", {None, NEW}),          # a chunk from a page's free list
     "rewrite": ("target", {OLD, NEW, None}),
     "resize": ("target", {OLD, NEW_RESIZED, None}),
     "evict": ("full group", {None, NEW}),
@@ -43,6 +45,12 @@ SCENARIOS = {
 # long ones (a page reassignment or a clear makes thousands).
 CASES = [(operation, point) for operation in ("insert", "rewrite", "resize", "evict", "delete")
          for point in range(1, 26)]
+CASES += [(operation, point) for operation in ("insert_carve", "insert_free")
+          for point in range(1, 9)]
+# The new-key sets that the C writer makes itself (a partial page with room, no eviction):
+# with the C reader and writer, every pause of theirs is in C; in C or in Python, they make
+# six journal calls.
+IN_C = ("insert_carve", "insert_free")
 CASES += [(operation, point) for operation in ("pressure", "clear")
           for point in (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233)]
 
@@ -65,6 +73,11 @@ def prepare(make_cache, setup):
             cache.set("g", f"fill{i:02d}", OLD[:len(OLD)])
     if setup in ("target", "many"):
         cache.set("g", "target", OLD)
+    if setup in ("neighbours", "holes"):      # keys as long as "target", values as NEW
+        for i in range(4):
+            cache.set("g", f"near-{i}", b"n" * len(NEW))
+    if setup == "holes":
+        cache.delete("g", "near-1")
     if setup == "many":
         for i in range(200):
             cache.set("g", f"item-{i}", b"x" * 50)
@@ -107,6 +120,8 @@ def test_writer_killed_mid_update(make_cache, segment_name, processes, operation
                              stdout=-1, text=True, cwd=os.path.dirname(CHILD),
                              env={**os.environ, "PYTHONPATH": os.path.dirname(CHILD)})
     line = read_line(child)
+    if operation in IN_C:           # the chunk, word 0, two ring links, the bucket, the counts
+        assert (line != "completed") == (pause_at <= 6), line
     if line == "completed":
         child.wait(timeout=30)
         value = cache.peek("g", "target")
@@ -114,6 +129,8 @@ def test_writer_killed_mid_update(make_cache, segment_name, processes, operation
         cache._store.audit()
         return
     assert line.startswith("paused"), line
+    if operation in IN_C:
+        assert line.endswith(" in C") == (both_readers == "native"), line
 
     if operation != "pressure":          # page reassignment may evict anything
         # A reader elsewhere is not held up by a writer frozen with the lock.

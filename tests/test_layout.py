@@ -193,3 +193,42 @@ def test_the_c_reader_gets_its_offsets_from_layout():
             got["refbit_granule"], got["per_group"]) == (
         layout.GROUP.nbytes, layout.ITEM.nbytes, layout.MAX_KEY_BYTES, layout.REFBIT_GRANULE,
         layout.COUNTERS_PER_GROUP)
+
+
+def test_the_c_writer_gets_its_offsets_from_layout():
+    from types import SimpleNamespace
+
+    from shmcache import reader, slabs
+    journal = SimpleNamespace(start=8192, end=8192 + layout.LOG_ENTRIES * layout.LOG_ENTRY_BYTES)
+    pages = SimpleNamespace(classes_off=2048, pagemeta_off=3072, page_size=65536, npages=9)
+    index = SimpleNamespace(journal=journal, slabs=pages, groups_off=1000, refbits_off=500,
+                            pages_off=1 << 20, max_groups=64)
+    got = reader.native_writer_layout(index)
+    item, group, page, slab_class = layout.ITEM, layout.GROUP, layout.PAGE, layout.SLAB_CLASS
+    entry, header = layout.LOG_ENTRY, layout.HEADER
+    assert got == {
+        "log_start": 8192, "log_end": journal.end, "entry_bytes": entry.nbytes,
+        "e_word": entry.word, "e_old": entry.old, "e_step": entry.step,
+        "tx_active": header.tx_active, "tx_seq": header.tx_seq,
+        "item_header_bytes": item.nbytes, "o_word0": layout.ITEM_WORD0, "o_klen": item.klen,
+        "o_gid": item.gid, "o_expiry": item.seconds, "groups_off": 1000,
+        "group_record_bytes": group.nbytes, "g_sets": group.sets, "refbits_off": 500,
+        "pages_off": 1 << 20, "refbit_granule": layout.REFBIT_GRANULE,
+        "state_writing": slabs.STATE_WRITING, "keep_mask": got["keep_mask"],
+        "classes_off": 2048, "class_record_bytes": slab_class.nbytes,
+        "c_partial": slab_class.partial, "max_classes": layout.MAX_CLASSES,
+        "c_chunk_size": slab_class.chunk_size, "c_vote_size": slab_class.vote_size,
+        "c_vote_lead": slab_class.vote_lead, "h_class_count": header.class_count,
+        "h_free_pages": header.free_pages, "chunk_align": slabs.CHUNK_ALIGN,
+        "fit_shift": slabs.FIT_SHIFT, "votes_for_new_class": slabs.VOTES_FOR_NEW_CLASS,
+        "g_budget": group.budget, "pagemeta_off": 3072, "page_record_bytes": page.nbytes,
+        "page_size": 65536, "npages": 9, "p_class": page.class_id, "p_carve": page.carve,
+        "p_used": page.used, "p_free_head": page.free_head, "p_chunk_size": page.chunk_size,
+        "p_slots": page.slots, "p_class_carve": page.class_id, "p_used_free": page.used,
+        "o_chain": item.chain, "o_state": item.state, "o_vlen": item.vlen, "o_prev": item.prev,
+        "o_next": item.next, "g_hand": group.hand, "g_bytes": group.bytes,
+        "g_items": group.items, "max_groups": 64,
+    }
+    # word 0 without state and expiry fraction: every byte but those two kept
+    kept = [got["keep_mask"] >> 8 * i & 0xFF for i in range(8)]
+    assert [i for i in range(8) if not kept[i]] == [item.state, item.frac]
