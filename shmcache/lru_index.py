@@ -175,7 +175,8 @@ class Index:
         group = self.groups_off + gid * GROUP_RECORD_BYTES
         klen, vlen = len(key), len(value)
         size = klen + vlen
-        check_value_size(vlen, self.max_item_size)
+        if vlen > self.max_item_size:           # the check, inline: a set pays no call
+            check_value_size(vlen, self.max_item_size)
         budget = _U64.unpack_from(buf, group + _G_BUDGET)[0]
         if size > budget:
             raise ValueTooLarge(f"key + value of {size} bytes exceed the whole budget of "
@@ -200,7 +201,7 @@ class Index:
             # key and value are written unjournaled, which is only sound in a chunk that was
             # already free when the step began (every eviction commits the same way).
             journal.checkpoint()
-        seconds, frac = expiry_fields(expire_at)
+        seconds, frac = expiry_fields(expire_at) if expire_at else (0, 0)
         if self._native_insert is not None:    # in C unless an eviction, class or page is due
             pos = self._native_insert(gid, bucket_off, key, value, seconds, state | frac << 24,
                                       journal.pos, journal.step)
@@ -258,7 +259,7 @@ class Index:
         absent, and writers overwrite or evict it like any other (its lengths never changed,
         so the byte counts stay right). Readers meanwhile see the stripe odd and retry."""
         buf, journal = self.buf, self.journal
-        seconds, frac = expiry_fields(expire_at)
+        seconds, frac = expiry_fields(expire_at) if expire_at else (0, 0)
         native = self._native_rewrite
         if native is not None:
             journal.step = native(offset, value, seconds, state | frac << 24, journal.pos,
