@@ -668,112 +668,6 @@ pause_before(Writer *self, const char *what)
     return result == NULL ? -1 : 0;
 }
 
-static void
-journaled_w64(Writer *self, uint8_t *buf, Py_ssize_t pos, uint8_t *word, uint64_t value,
-              uint64_t step)
-{
-    /* journal.w64: the entry at ``pos`` (old contents, then the step id last), then the word */
-    put_u64(buf + pos + self->e_word, (uint64_t)(word - buf));
-    put_u64(buf + pos + self->e_old, get_u64(word));
-    BARRIER();
-    put_u64(buf + pos + self->e_step, step);
-    BARRIER();
-    put_u64(word, value);
-    BARRIER();
-}
-
-static PyObject *
-writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    /* rewrite(offset, value, seconds, state_and_frac, pos, step) -> the step now open.
-     * Python then sets the journal's pos to its start + one entry, and its step to this. */
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "rewrite() takes 6 arguments");
-        return NULL;
-    }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[0]);
-    unsigned long long seconds = PyLong_AsUnsignedLongLong(args[2]);
-    unsigned long long state_frac = PyLong_AsUnsignedLongLong(args[3]);
-    Py_ssize_t pos = PyLong_AsSsize_t(args[4]);
-    unsigned long long step = PyLong_AsUnsignedLongLong(args[5]);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_buffer value, arena;
-    if (PyObject_GetBuffer(args[1], &value, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (PyObject_GetBuffer(self->buf, &arena, PyBUF_WRITABLE) < 0) {
-        PyBuffer_Release(&value);
-        return NULL;
-    }
-    PyObject *result = NULL;
-    uint8_t *buf = arena.buf;
-    Py_ssize_t size = arena.len;
-    if (offset < self->pages_off || (offset + self->o_word0) & 7
-            || offset + self->item_header_bytes > size) {
-        PyErr_Format(PyExc_ValueError, "rewrite: item offset %zd out of bounds", offset);
-        goto done;
-    }
-    Py_ssize_t start = offset + self->item_header_bytes + buf[offset + self->o_klen];
-    Py_ssize_t gid = buf[offset + self->o_gid];
-    Py_ssize_t sets = self->groups_off + gid * self->group_record_bytes + self->g_sets;
-    if (start + value.len > size || sets + 8 > size || self->tx_seq + 8 > size) {
-        PyErr_Format(PyExc_ValueError, "rewrite: value of item %zd out of bounds", offset);
-        goto done;
-    }
-    if (pos + self->entry_bytes > self->log_end) {
-        PyErr_Format(self->journal_full, "journal step exceeded its log");
-        goto done;
-    }
-    uint8_t *word0 = buf + offset + self->o_word0;
-    uint64_t word = get_u64(word0) & self->keep_mask;
-    if (pause_before(self, "w64") < 0)
-        goto done;
-    journaled_w64(self, buf, pos, word0, word | self->state_writing << 32, step);
-    if (pause_before(self, "checkpoint") < 0)
-        goto done;
-    /* journal.checkpoint(): the active id moves to a new one in one store, then the seq */
-    step = get_u64(buf + self->tx_seq) + 1;
-    put_u64(buf + self->tx_active, step);
-    BARRIER();
-    put_u64(buf + self->tx_seq, step);
-    BARRIER();
-    /* the value and the expiry seconds: not journaled (the item is WRITING, readers skip it) */
-    memcpy(buf + start, value.buf, value.len);
-    uint32_t secs = (uint32_t)seconds;
-    memcpy(buf + offset + self->o_expiry, &secs, 4);
-    BARRIER();
-    if (pause_before(self, "w64") < 0)
-        goto done;
-    /* readable again, in the first entry of the new step */
-    journaled_w64(self, buf, self->log_start, word0, word | (uint64_t)state_frac << 32, step);
-    /* an update is a reference: the CLOCK bit; and the group's set counter */
-    Py_ssize_t bit = (offset - self->pages_off) / self->refbit_granule;
-    Py_ssize_t byte = self->refbits_off + (bit >> 3);
-    if (byte < size)
-        buf[byte] |= (uint8_t)(1 << (bit & 7));
-    put_u64(buf + sets, get_u64(buf + sets) + 1);
-    result = PyLong_FromUnsignedLongLong(step);
-done:
-    PyBuffer_Release(&arena);
-    PyBuffer_Release(&value);
-    return result;
-}
-
-/* -- the new-key insertion of Index.store (lru_index.py), in C -------------------------------
- *
- * The common case only: a chunk of the class from the first page on its partial list (from
- * the page's free list, else carved), then the item, the ring, the bucket and the counts,
- * exactly as Slabs.alloc and Index.store make them. Anything else (no partial page, a full
- * one at the head, a record out of bounds) is declined before the first store: Python then
- * does the whole insertion as it always did.
- *
- * Before the chunk, what Index.store and Slabs.class_for do first: the budget check (over
- * budget: declined, Python evicts) and the class choice, the smallest chunk size that holds
- * the item, the lowest class id among equal sizes (class_for's sorted list and bisect). A
- * bad fit casts Slabs._vote's vote (an unjournaled hint), unless that vote would make a new
- * class: then declined. Every decision is taken before the first write, so a declined call
- * has written nothing, not even the vote. */
-
 static int
 journal_call(Writer *self, uint8_t *buf, Py_ssize_t size, Py_ssize_t *pos, const char *what,
              Py_ssize_t off, int width, uint64_t first, uint64_t second, uint64_t step)
@@ -822,6 +716,95 @@ journal_call(Writer *self, uint8_t *buf, Py_ssize_t size, Py_ssize_t *pos, const
     *pos = p + self->entry_bytes;
     return 0;
 }
+
+static PyObject *
+writer_rewrite(Writer *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* rewrite(offset, value, seconds, state_and_frac, pos, step) -> the step now open.
+     * Python then sets the journal's pos to its start + one entry, and its step to this. */
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "rewrite() takes 6 arguments");
+        return NULL;
+    }
+    Py_ssize_t offset = PyLong_AsSsize_t(args[0]);
+    unsigned long long seconds = PyLong_AsUnsignedLongLong(args[2]);
+    unsigned long long state_frac = PyLong_AsUnsignedLongLong(args[3]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[4]);
+    unsigned long long step = PyLong_AsUnsignedLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer value, arena;
+    if (PyObject_GetBuffer(args[1], &value, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(self->buf, &arena, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&value);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    uint8_t *buf = arena.buf;
+    Py_ssize_t size = arena.len;
+    if (offset < self->pages_off || (offset + self->o_word0) & 7
+            || offset + self->item_header_bytes > size) {
+        PyErr_Format(PyExc_ValueError, "rewrite: item offset %zd out of bounds", offset);
+        goto done;
+    }
+    Py_ssize_t start = offset + self->item_header_bytes + buf[offset + self->o_klen];
+    Py_ssize_t gid = buf[offset + self->o_gid];
+    Py_ssize_t sets = self->groups_off + gid * self->group_record_bytes + self->g_sets;
+    if (start + value.len > size || sets + 8 > size || self->tx_seq + 8 > size) {
+        PyErr_Format(PyExc_ValueError, "rewrite: value of item %zd out of bounds", offset);
+        goto done;
+    }
+    Py_ssize_t word0 = offset + self->o_word0;
+    uint64_t word = get_u64(buf + word0) & self->keep_mask;
+    if (journal_call(self, buf, size, &pos, "w64", word0, 8, word | self->state_writing << 32,
+                     0, step) < 0)
+        goto done;
+    if (pause_before(self, "checkpoint") < 0)
+        goto done;
+    /* journal.checkpoint(): the active id moves to a new one in one store, then the seq */
+    step = get_u64(buf + self->tx_seq) + 1;
+    put_u64(buf + self->tx_active, step);
+    BARRIER();
+    put_u64(buf + self->tx_seq, step);
+    BARRIER();
+    /* the value and the expiry seconds: not journaled (the item is WRITING, readers skip it) */
+    memcpy(buf + start, value.buf, value.len);
+    uint32_t secs = (uint32_t)seconds;
+    memcpy(buf + offset + self->o_expiry, &secs, 4);
+    BARRIER();
+    /* readable again, in the first entry of the new step */
+    pos = self->log_start;
+    if (journal_call(self, buf, size, &pos, "w64", word0, 8, word | (uint64_t)state_frac << 32,
+                     0, step) < 0)
+        goto done;
+    /* an update is a reference: the CLOCK bit; and the group's set counter */
+    Py_ssize_t bit = (offset - self->pages_off) / self->refbit_granule;
+    Py_ssize_t byte = self->refbits_off + (bit >> 3);
+    if (byte < size)
+        buf[byte] |= (uint8_t)(1 << (bit & 7));
+    put_u64(buf + sets, get_u64(buf + sets) + 1);
+    result = PyLong_FromUnsignedLongLong(step);
+done:
+    PyBuffer_Release(&arena);
+    PyBuffer_Release(&value);
+    return result;
+}
+
+/* -- the new-key insertion of Index.store (lru_index.py), in C -------------------------------
+ *
+ * The common case only: a chunk of the class from the first page on its partial list (from
+ * the page's free list, else carved), then the item, the ring, the bucket and the counts,
+ * exactly as Slabs.alloc and Index.store make them. Anything else (no partial page, a full
+ * one at the head, a record out of bounds) is declined before the first store: Python then
+ * does the whole insertion as it always did.
+ *
+ * Before the chunk, what Index.store and Slabs.class_for do first: the budget check (over
+ * budget: declined, Python evicts) and the class choice, the smallest chunk size that holds
+ * the item, the lowest class id among equal sizes (class_for's sorted list and bisect). A
+ * bad fit casts Slabs._vote's vote (an unjournaled hint), unless that vote would make a new
+ * class: then declined. Every decision is taken before the first write, so a declined call
+ * has written nothing, not even the vote. */
 
 static PyObject *
 writer_insert(Writer *self, PyObject *const *args, Py_ssize_t nargs)
