@@ -17,7 +17,11 @@ REASONS = {
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
-_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_METHOD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# The head of a request is parsed as latin-1 text (one character per byte, one decode per
+# request): these keep str's methods to what bytes' did, ASCII whitespace and ASCII case.
+_WS = " \t\n\r\x0b\x0c"
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -117,26 +121,25 @@ def parse_request(connection, limits):
         return None
     if end > limits.max_header_bytes:
         raise BadRequest(431, "request headers too large")
-    lines = bytes(buf[:end]).split(b"\n")
-    request_line = lines[0].rstrip(b"\r")
+    lines = buf[:end].decode("latin-1").split("\n")
+    request_line = lines[0].rstrip("\r")
     if len(request_line) > limits.max_request_line:
         raise BadRequest(414, "request line too long")
-    parts = request_line.split(b" ")
+    parts = request_line.split(" ")
     if len(parts) != 3 or not parts[0] or not _METHOD_CHARS.issuperset(parts[0]):
         raise BadRequest(400, "malformed request line")
     method, target, version = parts
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):       # 400, not 505: bad input never
+    if version not in ("HTTP/1.1", "HTTP/1.0"):       # 400, not 505: bad input never
         raise BadRequest(400, "only HTTP/1.0 and HTTP/1.1 are served")    # gets a 5xx
     if len(lines) - 1 > limits.max_headers:
         raise BadRequest(431, "too many header fields")
     headers = {}
     for line in lines[1:]:
-        line = line.rstrip(b"\r")
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip() or b" " in name:
+        name, colon, value = line.rstrip("\r").partition(":")
+        if not colon or not name or name != name.strip(_WS) or " " in name:
             raise BadRequest(400, "malformed header field")
-        name = name.lower().decode("latin-1")
-        value = value.strip().decode("latin-1")
+        name = name.lower() if name.isascii() else name.translate(_ASCII_LOWER)
+        value = value.strip(_WS)
         if name in headers:
             if name in ("content-length", "host", "authorization", "transfer-encoding"):
                 if headers[name] != value:
@@ -152,7 +155,7 @@ def parse_request(connection, limits):
         if not length_text.isdigit() or len(length_text) > 12:
             raise BadRequest(400, "bad Content-Length")
         length = int(length_text)
-        limit = limits.max_post_body if method == b"POST" and limits.max_post_body \
+        limit = limits.max_post_body if method == "POST" and limits.max_post_body \
             else limits.max_body
         if length > limit:
             raise BadRequest(413, f"body of {length} bytes exceeds the limit of "
@@ -165,18 +168,16 @@ def parse_request(connection, limits):
     body = bytes(buf[body_start:body_start + length])
     del buf[:body_start + length]
     connection_header = headers.get("connection", "").lower()
-    if version == b"HTTP/1.1":
+    if version == "HTTP/1.1":
         keep_alive = "close" not in connection_header
     else:
         keep_alive = "keep-alive" in connection_header
-    target = target.decode("latin-1")
     if target.startswith(("http://", "https://")):      # absolute-form
         slash = target.find("/", target.find("//") + 2)
         target = target[slash:] if slash >= 0 else "/"
     if not target.startswith("/"):
         raise BadRequest(400, "request target must be a path")
-    return Request(method.decode(), target, version.decode(), headers, body, keep_alive,
-                   connection.peer)
+    return Request(method, target, version, headers, body, keep_alive, connection.peer)
 
 
 def parse_response(buf, closed):
