@@ -394,8 +394,9 @@ def _remove_orphans(name):
     except OSError:
         return
     for entry in entries:
-        if entry.startswith(prefix) and entry[len(prefix):].isdigit():
-            pid = int(entry[len(prefix):])
+        suffix = entry[len(prefix):]
+        if entry.startswith(prefix) and suffix.isascii() and suffix.isdigit():
+            pid = int(suffix)
             try:
                 os.kill(pid, 0)
                 continue                  # its creator is still at work

@@ -463,13 +463,13 @@ def _parse_head(head):
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     status = rest[:3]
-    if not version.startswith("HTTP/1.") or not status.isdigit():
+    if not version.startswith("HTTP/1.") or not (status.isascii() and status.isdigit()):
         raise PeerUnavailable(f"the front answered something else than HTTP: {lines[0][:80]!r}")
     length, keep_alive = None, version != "HTTP/1.0"
     for line in lines[1:]:
         field, _, value = line.partition(":")
         field = field.strip().lower()
-        if field == "content-length" and value.strip().isdigit():
+        if field == "content-length" and value.strip().isascii() and value.strip().isdigit():
             length = int(value)
         elif field == "connection":
             keep_alive = value.strip().lower() == "keep-alive"

@@ -152,7 +152,8 @@ def parse_request(connection, limits):
     length_text = headers.get("content-length")
     length = 0
     if length_text is not None:
-        if not length_text.isdigit() or len(length_text) > 12:
+        # isdigit alone takes "²" (latin-1 0xB2), which int() refuses: ASCII digits only
+        if not (length_text.isascii() and length_text.isdigit()) or len(length_text) > 12:
             raise BadRequest(400, "bad Content-Length")
         length = int(length_text)
         limit = limits.max_post_body if method == "POST" and limits.max_post_body \

@@ -80,7 +80,7 @@ def inspect(name, directory=None, mappers=None):
     mappers = _mappers() if mappers is None else mappers
     stem, creating, pid = name.partition(_CREATING)
     if creating:
-        if not pid.isdigit():
+        if not (pid.isascii() and pid.isdigit()):       # "²" is a digit to isdigit()
             return None
         st = os.stat(path)
         return SegmentInfo(name, st.st_size, "creating", 0, int(pid), False, None,

@@ -76,7 +76,8 @@ request_parts = st.lists(st.sampled_from([
     b"GET", b"PUT", b"DELETE", b"get", b" ", b"/", b"/cache/g/k", b"%", b"%zz", b"HTTP/1.1",
     b"HTTP/1.0", b"HTTP/9", b"\r\n", b"\n", b"\r", b":", b"Content-Length: ", b"5", b"-1",
     b"99999999999999", b"Transfer-Encoding: chunked", b"Expect: 100-continue", b"\x00",
-    b"\xff", b"Host: x", b"Connection: close", b"a" * 300, b"abcde"]), max_size=30)
+    b"\xff", b"Host: x", b"Connection: close", b"a" * 300, b"abcde",
+    b"\xb2", b"\xb9", b"\xbc"]), max_size=30)      # latin-1 characters isdigit() takes
 
 
 @SETTINGS
@@ -126,7 +127,8 @@ TEMPLATES = [
     b"GET /metrics?{junk} HTTP/1.1\r\n\r\n",
 ]
 JUNK = [b"%", b"%g0", b"%ff%fe", b"\x00\x01", b"\xc3\x28", b"..%2F..", b"a b", b"-5", b"1e999",
-        b"nan", b"%00", b"{}", b"\t", b"\xe2\x82", b"\\", b"=&=", b"ttl=1&ttl=2", b"../../etc"]
+        b"nan", b"%00", b"{}", b"\t", b"\xe2\x82", b"\\", b"=&=", b"ttl=1&ttl=2", b"../../etc",
+        b"\xb2", b"1\xb9", b"\xd9\xa3"]
 METHODS = [b"POST", b"PATCH", b"OPTIONS", b"TRACE", b"CONNECT", b"BREW", b"G3T", b"get"]
 
 
@@ -182,6 +184,18 @@ def test_a_thousand_hostile_requests_get_4xx_or_a_close_never_5xx(live):
     assert live.get("scores", "Sam")[:2] == (200, b"567")
     assert live.request("PUT", "/cache/scores/after", body=b"fine")[0] == 200
     assert live.get("scores", "after")[:2] == (200, b"fine")
+    assert live.worker_pids() == workers                  # nobody crashed
+
+
+def test_a_content_length_of_non_ascii_digits_is_a_400_not_a_dead_worker(live):
+    """"Content-Length: ²" (latin-1 0xB2): isdigit() says digit, int() refuses it. It used to
+    escape the parser as a ValueError and take the worker down."""
+    workers = live.wait_for_workers(2)
+    for length in (b"\xb2", b"1\xb9", b"\xbc\xbd"):
+        for _ in range(4):                        # the listener spreads them over the workers
+            request = b"PUT /cache/scores/x HTTP/1.1\r\nContent-Length: " + length + b"\r\n\r\nab"
+            assert exchange(live.port, request) == 400
+    assert live.get("scores", "Sam")[:2] == (200, b"567")
     assert live.worker_pids() == workers                  # nobody crashed
 
 
