@@ -277,6 +277,10 @@ class HttpServer(EpollLoop):
             except BadRequest as bad:
                 self._send(connection, error(bad.status, bad.reason, close=True), close=True)
                 return
+            except Exception:                   # a parser bug: this client, not the worker
+                log.exception("could not parse a request from %s", connection.peer)
+                self._send(connection, error(400, "malformed request", close=True), close=True)
+                return
             if not request:                     # incomplete: wait for more bytes
                 if request is False:            # after telling the client to send its body
                     self._output(connection, CONTINUE)

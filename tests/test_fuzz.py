@@ -231,3 +231,27 @@ def test_slowloris_cannot_hold_the_workers(live):
     assert len(results) == 40
     assert all(answer == b"" or answer.startswith(b"HTTP/1.1 408") for answer in results)
     assert any(answer.startswith(b"HTTP/1.1 408") for answer in results)
+
+
+def test_a_parser_bug_costs_its_client_a_400_not_the_worker(monkeypatch):
+    """The safety net under the parser: an exception it was not written to raise (a bug; the
+    one above was one) answers that client 400 and closes it; the loop serves on."""
+    from shmcache import httpserver
+    real = httpserver.parse_request
+
+    def buggy(connection, limits):
+        if b"X-Bug" in connection.inbuf:
+            raise ValueError("a parser bug")
+        return real(connection, limits)
+    monkeypatch.setattr(httpserver, "parse_request", buggy)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = HttpServer(sock, lambda request: httpserver.render(200, "ok"))
+    threading.Thread(target=server.serve, kwargs={"tick_interval": 0.05}, daemon=True).start()
+    port = sock.getsockname()[1]
+    try:
+        assert exchange(port, b"GET / HTTP/1.1\r\nX-Bug: 1\r\n\r\n") == 400
+        assert exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == 200
+    finally:
+        server.stop()
