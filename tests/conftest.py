@@ -138,6 +138,25 @@ class Processes:
                 proc.join(timeout=30)
 
 
+def wait_gone(pids, timeout=30):
+    """Until none of ``pids`` runs (gone, or a zombie nobody reaped); AssertionError after
+    ``timeout`` seconds."""
+    import psutil
+
+    def running(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if running(pid)]
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"processes still alive: {alive}"
+        time.sleep(0.02)
+
+
 def _alive(proc):
     if hasattr(proc, "poll"):
         return proc.poll() is None
@@ -259,19 +278,9 @@ class Supervised:
         """SIGKILL the supervisor, then wait until its workers have noticed and exited (they
         stop on their own within a tick). Not ``worker_pids()``: a killed supervisor has no
         children at once, while its workers still serve a moment longer."""
-        import psutil
-        workers = [psutil.Process(pid) for pid in self.worker_pids()]
+        workers = self.worker_pids()
         self.stop(signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        for worker in workers:
-            while True:
-                try:
-                    if worker.status() == psutil.STATUS_ZOMBIE:
-                        break
-                except psutil.NoSuchProcess:
-                    break
-                assert time.monotonic() < deadline, f"worker {worker.pid} still runs"
-                time.sleep(0.05)
+        wait_gone(workers, timeout)
 
     def wait_for_workers(self, count, exclude=(), timeout=30):
         """Wait until ``count`` workers run, none of them in ``exclude``; return their pids."""

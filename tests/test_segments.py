@@ -6,12 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 
-from conftest import REPO, SEGMENT_PREFIX
+from conftest import REPO, SEGMENT_PREFIX, wait_gone
 from shmcache.arena import segment_path, shm_dir
 from shmcache.errors import SegmentNotFound
 from shmcache.store import Store
@@ -33,16 +31,6 @@ def listed():
     code, out, err = segments("--json")
     assert code == 0, err
     return {info["name"]: info for info in json.loads(out)}
-
-
-def wait_gone(pids, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                   for pid in pids):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"still running: {pids}")
 
 
 def kill_everyone(server):

@@ -9,10 +9,10 @@ import struct
 import threading
 import time
 
-import psutil
 import pytest
 
 import shmcache
+from conftest import wait_gone
 from shmcache.arena import _OFFSET_CLEAN, segment_path
 
 pytestmark = pytest.mark.integration
@@ -27,17 +27,6 @@ def wait_for_progress(counter, count, timeout=30):
     while counter[0] < target:
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.01)
-
-
-def wait_gone(pids, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [pid for pid in pids if psutil.pid_exists(pid)
-                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"processes still alive: {alive}")
 
 
 def test_demo_group_serves_the_readme_example(supervised):
