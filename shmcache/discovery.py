@@ -7,7 +7,12 @@ re-resolved every refresh). A source that fails keeps its last good answer; the 
 logged once, and so is its recovery.
 
 The supervisor alone polls and resolves (``PeerSource``), so a host does one lookup per
-refresh and logs a change once. When the set changes it publishes a ``PeerView`` on the
+refresh and logs a change once. After the first (at boot, waited for), each lookup runs in a
+child process forked for it (``DnsLookup``) while the supervisor's loop goes on: a resolver
+that hangs must not keep it from reaping and replacing workers or from stopping. A child,
+not a thread, so that the supervisor stays single-threaded when it forks workers (a thread
+inside getaddrinfo at a fork could leave the resolver's locks held in the worker).
+LOOKUP_TIMEOUT bounds a lookup; a lookup that ran out counts as failed. When the set changes it publishes a ``PeerView`` on the
 ``PeerBoard`` (a memfd the workers inherit at fork) and sends its workers SIGHUP; each reads
 the board in its next tick (half a second), and a worker forked later reads it at boot.
 
@@ -22,10 +27,13 @@ NAME...`` per line, ``#`` comments), ``--peers-dns`` names are looked up in it i
 a name it does not list fails to resolve, as an unknown name would.
 """
 
+import ctypes
 import ipaddress
 import json
 import logging
 import os
+import select
+import signal
 import socket
 import struct
 import time
@@ -38,6 +46,9 @@ from .peers import load_peer_list
 log = logging.getLogger("shmcache")
 
 HOSTS_FILE_ENV = "SHMCACHE_HOSTS_FILE"
+LOOKUP_TIMEOUT = 30.0        # seconds a --peers-dns lookup may take before it is given up
+LOOKUP_PROCESS_NAME = b"kcache-lookup"    # a lookup child's name (ps; tests tell it from workers)
+_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
 PREVIOUS_WINDOW = 60.0       # seconds the previous peer set is kept for peeks after a change
 WILDCARDS = ("", "0.0.0.0", "::")
 
@@ -120,30 +131,129 @@ def _canonical(address):
 
 # -- the sources -------------------------------------------------------------------------------
 
+class DnsLookup:
+    """One ``resolve(name)`` in a child process: its answer comes back over a pipe, which the
+    supervisor's loop watches (``fd``). ``collect()`` once it is readable, or ``cancel()``.
+
+    The child: the signals the supervisor handles back to their defaults, every inherited
+    descriptor but the pipe closed (the segment, the listener, the owner lock: a hung child
+    must hold none of them), an alarm as a last bound, then the lookup, one write, _exit."""
+
+    def __init__(self, name, blocked=()):
+        self.name = name
+        self.started = time.monotonic()
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if blocked else None
+        try:
+            pid = os.fork()
+        except BaseException:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        if pid == 0:
+            try:
+                signal.set_wakeup_fd(-1)
+                for signum in blocked:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous or set())
+                os.closerange(3, write_fd)
+                os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
+                _lookup_child_setup()
+                signal.alarm(int(LOOKUP_TIMEOUT) + 5)
+                try:
+                    answer = {"addresses": resolve(name)}
+                except (OSError, UnicodeError) as exc:
+                    answer = {"error": str(exc)}
+                os.write(write_fd, json.dumps(answer).encode())
+            finally:
+                os._exit(0)
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        os.close(write_fd)
+        self.pid, self.fd = pid, read_fd
+
+    def overdue(self, now=None):
+        return (now or time.monotonic()) - self.started > LOOKUP_TIMEOUT
+
+    def collect(self):
+        """The addresses; OSError if the lookup failed, or ended without an answer. The pipe
+        is closed; the child has exited or is about to (the supervisor reaps it)."""
+        data = b""
+        try:
+            while chunk := os.read(self.fd, 65536):
+                data += chunk
+        finally:
+            os.close(self.fd)
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise OSError(f"the lookup of {self.name} ended without an answer") from None
+        if "error" in answer:
+            raise OSError(answer["error"])
+        return answer["addresses"]
+
+    def cancel(self):
+        """Kill the child (it is reaped by the supervisor's loop, or by init) and close."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.close(self.fd)
+
+
+def _lookup_child_setup():
+    """Name the lookup child (its own name in ps) and have the kernel kill it with the
+    supervisor (Linux prctl; the alarm bounds it anyway)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, LOOKUP_PROCESS_NAME, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeerSource:
     """The supervisor's peer set: ``refresh()`` polls the file and resolves the name.
 
-    ``scheme`` is the scheme of discovered peers' URLs (``config.scheme``)."""
+    ``scheme`` is the scheme of discovered peers' URLs (``config.scheme``). Only the first
+    refresh waits for the name's lookup; the later ones start a ``DnsLookup`` (``lookup``,
+    while it runs) and take its answer at the refresh after it is in (``answer_ready``)."""
 
-    def __init__(self, config):
+    def __init__(self, config, blocked=()):
         self.config = config
         self.dns = parse_dns_target(config.peers_dns, config.port) if config.peers_dns else None
         self.local = local_addresses(config.host) if self.dns else set()
+        self.blocked = blocked              # signals to block across a lookup's fork
+        self.lookup = None                  # the DnsLookup under way
+        self._answer = None                 # (addresses or OSError) in, not yet taken
+        self._resolved_once = False
         self._file_signature = None
         self._file_urls = set()
         self._dns_urls = set()
         self._dns_self = None
         self._failing = set()               # sources whose failure has been logged
 
-    def refresh(self, force=False):
+    def refresh(self, force=False, lookup=True):
         """(self_url, sorted peer URLs, this host's included). ``force``: re-read the file
-        even if it looks unchanged, and log a failure even if it was logged already."""
+        even if it looks unchanged, and log a failure even if it was logged already.
+        ``lookup``: start a new lookup of the name (False: only take an answer that is in)."""
         if force:
             self._failing.clear()
         if self.config.peers_file:
             self._poll_file(force)
         if self.dns:
-            self._resolve()
+            if not self._resolved_once:          # at boot: the first set has the name's hosts
+                self._resolved_once = True
+                try:
+                    self._resolved(resolve(self.dns[0]))
+                except (OSError, UnicodeError) as exc:
+                    self._resolved(exc)
+            else:
+                self._take_answer()
+                if lookup and self.lookup is None:
+                    self.lookup = DnsLookup(self.dns[0], self.blocked)
         config = self.config
         self_url = config.self_url if config.self_explicit else self._dns_self or config.self_url
         urls = set(config.peers) | self._file_urls | self._dns_urls
@@ -152,6 +262,33 @@ class PeerSource:
         else:
             self._recovered("self", f"this host ({self_url}) is in its peer list now")
         return self_url, tuple(sorted(urls | {self_url}))
+
+    @property
+    def answer_ready(self):
+        return self._answer is not None
+
+    def lookup_done(self):
+        """(The loop: the lookup's pipe is readable, or it ran out of time.) Keep its answer
+        for the next refresh."""
+        lookup, self.lookup = self.lookup, None
+        if lookup.overdue() and not select.select([lookup.fd], [], [], 0)[0]:
+            lookup.cancel()
+            self._answer = OSError(f"no answer within {LOOKUP_TIMEOUT:.0f} s")
+            return
+        try:
+            self._answer = lookup.collect()
+        except OSError as exc:
+            self._answer = exc
+
+    def close(self):
+        if self.lookup is not None:
+            self.lookup.cancel()
+            self.lookup = None
+
+    def _take_answer(self):
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            self._resolved(answer)
 
     def _poll_file(self, force):
         path = self.config.peers_file
@@ -167,14 +304,15 @@ class PeerSource:
         self._file_signature, self._file_urls = signature, urls
         self._recovered("file", f"{path} gives peers again")
 
-    def _resolve(self):
+    def _resolved(self, answer):
+        """Use a lookup's answer: its addresses, or the OSError it failed with (the last
+        addresses are kept)."""
         name, port = self.dns
-        try:
-            addresses = resolve(name)
-        except (OSError, UnicodeError) as exc:
-            self._trouble("dns", f"cannot resolve {name} ({exc}): keeping the last "
+        if isinstance(answer, (OSError, UnicodeError)):
+            self._trouble("dns", f"cannot resolve {name} ({answer}): keeping the last "
                                  f"{len(self._dns_urls)} peers it gave")
             return
+        addresses = answer
         scheme = self.config.scheme
         self._dns_urls = {peer_url(scheme, address, port) for address in addresses}
         self._dns_self = next((peer_url(scheme, address, port) for address in addresses

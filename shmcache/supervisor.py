@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from .arena import retire
 from .config import Config, check_tls, parse_args  # noqa: F401 (their old home)
-from .discovery import PeerBoard, PeerSource, next_view
+from .discovery import LOOKUP_TIMEOUT, PeerBoard, PeerSource, next_view
 from .errors import SegmentCreateError, SegmentIncompatible, SegmentInUse, SegmentNotFound
 from .group import AppError, check_groups, demo_groups, load_app, origin_group, DEMO_SCORES
 from .layout import DEFAULT_MAX_GROUPS, HEADER, OWNER_LOCK_BYTE
@@ -57,7 +57,7 @@ class Supervisor:
         self.app_factory = None
         self.stopping = False
         self.exit_code = 0
-        self.peer_source = PeerSource(config) if config.clustered else None
+        self.peer_source = PeerSource(config, FORK_BLOCKED) if config.clustered else None
         self.peer_board = None            # made in run(): the workers inherit it
         self.peer_view = None
         self.next_refresh = 0.0
@@ -92,7 +92,9 @@ class Supervisor:
             if not self.stopping:
                 self.manage_workers()
             while not self.stopping:
-                select.select([wake_read], [], [], self.wait_time())
+                lookup = self.peer_source.lookup if self.peer_source is not None else None
+                watched = [wake_read] if lookup is None else [wake_read, lookup.fd]
+                ready = select.select(watched, [], [], self.wait_time())[0]
                 try:
                     while os.read(wake_read, 512):
                         pass
@@ -100,8 +102,12 @@ class Supervisor:
                     pass
                 self.dispatch_signals()
                 self.reap_workers()
-                if self.peer_source is not None and time.monotonic() >= self.next_refresh:
-                    self.refresh_peers()
+                if lookup is not None and (lookup.fd in ready or lookup.overdue()):
+                    self.peer_source.lookup_done()
+                if self.peer_source is not None:
+                    due = time.monotonic() >= self.next_refresh
+                    if due or self.peer_source.answer_ready:
+                        self.refresh_peers(lookup=due)
                 if not self.stopping:
                     self.manage_workers()
             self.stop_workers()
@@ -129,19 +135,27 @@ class Supervisor:
         self.refresh_peers(reason="SIGHUP")
 
     def wait_time(self):
-        """Seconds the main loop may sleep: at most one, and not past the next refresh."""
+        """Seconds the main loop may sleep: at most one, and not past the next refresh
+        (nor past the deadline of a lookup under way)."""
         if self.peer_source is None:
             return 1.0
-        return max(0.0, min(1.0, self.next_refresh - time.monotonic()))
+        wake_at = self.next_refresh
+        lookup = self.peer_source.lookup
+        if lookup is not None:
+            wake_at = min(wake_at, lookup.started + LOOKUP_TIMEOUT)
+        return max(0.0, min(1.0, wake_at - time.monotonic()))
 
-    def refresh_peers(self, reason=None):
+    def refresh_peers(self, reason=None, lookup=True):
         """Poll the peer sources; when the set changed, publish it and tell the workers,
-        which read it within their next tick. Logged here, once for the host."""
+        which read it within their next tick. Logged here, once for the host. ``lookup``:
+        a refresh that is due (not one for a lookup's answer that came in): it starts the
+        next lookup of --peers-dns."""
         if self.peer_source is None:
             return
         config = self.config
-        self.next_refresh = time.monotonic() + config.peers_refresh
-        self_url, peers = self.peer_source.refresh(force=reason is not None)
+        if lookup:
+            self.next_refresh = time.monotonic() + config.peers_refresh
+        self_url, peers = self.peer_source.refresh(force=reason is not None, lookup=lookup)
         first = self.peer_view is None
         view = next_view(self.peer_view, self_url, peers)
         if reason:
@@ -396,6 +410,8 @@ class Supervisor:
 
     def close(self):
         """Mark a clean stop (if it was one), release the segment and the port."""
+        if self.peer_source is not None:
+            self.peer_source.close()              # a lookup under way: killed
         if self.listener is not None:
             self.listener.close()
             self.listener = None

@@ -268,11 +268,21 @@ class Supervised:
                             timeout=timeout)
 
     def worker_pids(self):
+        """The supervisor's children but a --peers-dns lookup under way (discovery.py)."""
         import psutil
+        from shmcache.discovery import LOOKUP_PROCESS_NAME
         try:
-            return sorted(child.pid for child in psutil.Process(self.proc.pid).children())
+            children = psutil.Process(self.proc.pid).children()
         except psutil.NoSuchProcess:
             return []
+        workers = []
+        for child in children:
+            try:
+                if child.name() != LOOKUP_PROCESS_NAME.decode():
+                    workers.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return sorted(workers)
 
     def kill(self, timeout=60):
         """SIGKILL the supervisor, then wait until its workers have noticed and exited (they

@@ -4,6 +4,8 @@ keeps keys warm when their owner changes."""
 import json
 import os
 import random
+import select
+import signal
 import socket
 import threading
 import time
@@ -301,3 +303,84 @@ def test_a_cold_previous_owner_stops_being_peeked(make_cache):
         node.close()
         peers.close()
         server.stop()
+
+
+# -- a lookup that hangs ------------------------------------------------------------------------
+
+def hang_lookups(named):
+    """Make NAME's lookups hang: the hosts file becomes a FIFO nobody writes to (opening it
+    to read blocks), as a resolver that does not answer would. Returns the FIFO's path."""
+    fifo = named.dir / "hosts.fifo"
+    os.mkfifo(fifo)
+    os.replace(fifo, named.hosts_file)
+    return named.hosts_file
+
+
+def release_lookups(path):
+    """Let every lookup blocked on the FIFO ``path`` go on (it reads an empty file)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:                       # ENXIO: no reader is waiting any more
+            return
+        os.close(fd)
+
+
+def test_a_hung_lookup_does_not_hold_the_supervisor_up(named):
+    """While the lookup of --peers-dns hangs (in its own child process), the supervisor still
+    replaces a killed worker and still stops at once on SIGTERM."""
+    import psutil
+    from shmcache.discovery import LOOKUP_PROCESS_NAME
+    both = ["127.0.0.2", "127.0.0.3"]
+    named.publish(both)
+    a, _b = named.start(both)
+    workers = a.wait_for_workers(2)
+    fifo = hang_lookups(named)
+    try:
+        deadline = time.monotonic() + 30            # a refresh starts a lookup, which hangs
+        while not any(child.name() == LOOKUP_PROCESS_NAME.decode()
+                      for child in psutil.Process(a.proc.pid).children()):
+            assert time.monotonic() < deadline, "no lookup started"
+            time.sleep(0.05)
+        os.kill(workers[0], signal.SIGKILL)
+        replaced = a.wait_for_workers(2, exclude=workers[:1], timeout=30)
+        assert workers[0] not in replaced
+        assert a.get("test", "still-served")[:2] == (200, b"value-of-still-served")
+        assert a.stop(signal.SIGTERM, timeout=30) == 0
+        assert "cannot resolve" not in a.log()      # still waiting: nothing to say yet
+    finally:
+        release_lookups(fifo)
+
+
+def test_a_lookup_past_its_time_is_killed_and_counts_as_failed(tmp_path, monkeypatch):
+    from shmcache import discovery
+    from shmcache.config import parse_args
+    fifo = tmp_path / "hosts"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("SHMCACHE_HOSTS_FILE", str(fifo))
+    source = discovery.PeerSource(parse_args(["--peers-dns", f"{NAME}:8001", "--port", "8001"]))
+    source._resolved_once = True                    # as after boot: lookups run in children
+    source.refresh()
+    lookup = source.lookup
+    assert lookup is not None and select.select([lookup.fd], [], [], 0.3)[0] == []
+    lookup.started -= discovery.LOOKUP_TIMEOUT + 1  # its time is up (the clock, not a wait)
+    assert lookup.overdue()
+    source.lookup_done()
+    assert source.lookup is None and source.answer_ready
+    assert os.waitpid(lookup.pid, 0)[0] == lookup.pid            # killed: it exits at once
+    source.refresh(lookup=False)                                 # the failure is taken
+    assert not source.answer_ready
+
+
+def test_a_lookup_child_answers_over_its_pipe(tmp_path, monkeypatch):
+    from shmcache.discovery import DnsLookup
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"127.0.0.7 {NAME}\n127.0.0.8 {NAME}\n")
+    monkeypatch.setenv("SHMCACHE_HOSTS_FILE", str(hosts))
+    found = DnsLookup(NAME)
+    assert found.collect() == ["127.0.0.7", "127.0.0.8"]
+    os.waitpid(found.pid, 0)
+    missing = DnsLookup("not-listed.test")
+    with pytest.raises(OSError, match="not-listed.test is not in"):
+        missing.collect()
+    os.waitpid(missing.pid, 0)
