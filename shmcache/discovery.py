@@ -7,14 +7,16 @@ re-resolved every refresh). A source that fails keeps its last good answer; the 
 logged once, and so is its recovery.
 
 The supervisor alone polls and resolves (``PeerSource``), so a host does one lookup per
-refresh and logs a change once. After the first (at boot, waited for), each lookup runs in a
-child process forked for it (``DnsLookup``) while the supervisor's loop goes on: a resolver
-that hangs must not keep it from reaping and replacing workers or from stopping. A child,
-not a thread, so that the supervisor stays single-threaded when it forks workers (a thread
-inside getaddrinfo at a fork could leave the resolver's locks held in the worker).
-LOOKUP_TIMEOUT bounds a lookup; a lookup that ran out counts as failed. When the set changes it publishes a ``PeerView`` on the
+refresh and logs a change once. When the set changes it publishes a ``PeerView`` on the
 ``PeerBoard`` (a memfd the workers inherit at fork) and sends its workers SIGHUP; each reads
 the board in its next tick (half a second), and a worker forked later reads it at boot.
+
+After the first lookup (at boot, waited for), each runs in a child process forked for it
+(``DnsLookup``) while the supervisor's loop goes on: a resolver that hangs must not keep it
+from reaping and replacing workers, or from stopping. A child, not a thread, so that the
+supervisor stays single-threaded when it forks workers (a thread inside getaddrinfo at a
+fork could leave the resolver's locks held in the worker). LOOKUP_TIMEOUT bounds a lookup;
+one that runs out counts as failed.
 
 The view carries the previous peer set for ``PREVIOUS_WINDOW`` seconds after a change: a
 host that becomes a key's owner asks the key's owner by the previous ring for the value

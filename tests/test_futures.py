@@ -77,7 +77,8 @@ def test_callbacks_added_while_another_thread_sets_are_each_run_once():
         def add(first):
             barrier.wait()
             for index in range(first, 40, 4):
-                promise.add_done_callback(lambda _done, i=index: counts.__setitem__(i, counts[i] + 1))
+                promise.add_done_callback(
+                    lambda _done, i=index: counts.__setitem__(i, counts[i] + 1))
 
         def setter():
             barrier.wait()
