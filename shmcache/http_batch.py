@@ -7,8 +7,10 @@ Batches (``Content-Type: application/json``; values travel as base64):
                -> 200 {"values": {"k1": "<base64>"}, "missing": ["k2"],
                        "errors": {"k3": {"status": 500, "reason": "..."}}}
                Each key is answered as a single GET would be: a hit from memory, a miss
-               loaded (all at once, each through the host-wide singleflight, from its owner
-               on a cluster); absent keys are "missing"; a failed load is in "errors" with
+               loaded (each through the host-wide singleflight, from its owner on a
+               cluster; at most BATCH_LOADS of one batch at a time, so that a batch of cold
+               keys neither fills the worker's pool nor queues thousands of fetches on one
+               peer's connections); absent keys are "missing"; a failed load is in "errors" with
                the status its GET would have had (500 load error, 502 peer unavailable,
                504 timeout). The answer comes when every load is done. A read: it needs the
                token only with --token-reads.
@@ -31,17 +33,20 @@ ttl: 400. Writes need the token.
 
 import json
 import logging
+import threading
 from urllib.parse import parse_qs
 
 from .batch import MAX_BATCH_KEYS, OPS, b64, unb64
 from .errors import (InvalidKey, LoadError, LoadTimeout, NotFound, PeerUnavailable, UnknownGroup,
                      ValueTooLarge)
-from .futures import FUTURES, all_done, then
+from .futures import FUTURES, Promise, all_done, then
 from .httpserver import error, render
 from .reader import NOT_FOUND
 from .validate import positive_ttl
 
 log = logging.getLogger("shmcache")
+
+BATCH_LOADS = 32            # loads one batch get runs at once: half the default --threads
 
 JSON = b"application/json"
 
@@ -86,21 +91,74 @@ class BatchRoutes:
         return keys
 
     def _batch_get(self, group, keys):
-        """Hits answered from memory; the misses loaded at once, each as a single GET."""
+        """Hits answered from memory; the misses loaded each as a single GET, at most
+        BATCH_LOADS at a time: the keys are taken in order, and a miss that would be one
+        too many waits for a load of the batch to end. The answer (bytes when every key was
+        answered at once, else a Promise of it) comes when every load is done.
+
+        ``state`` is guarded by ``lock``; node.get and add_done_callback are called outside
+        it (a load that is done already runs its callback at once, in this thread). Each key
+        takes a slot when it is taken and gives it back when answered: at once for a hit,
+        when its load ends for a miss. Whoever gives back the last slot once every key is
+        taken (any thread: a load ends where it ends) sees ``finished`` unset, sets it under
+        the lock and answers; nobody else can, so the batch is answered exactly once."""
         node = self.node
         values, pending, missing = {}, {}, []
-        for key in keys:
-            answer = node.get(group, key)
-            if answer is NOT_FOUND:
-                missing.append(key)
-            elif isinstance(answer, FUTURES):
-                pending[key] = answer
+        lock = threading.Lock()
+        state = {"next": 0, "slots": 0, "finished": False}
+        result = Promise()
+
+        def give_back():
+            """A key answered; True for the one call that ends the batch."""
+            with lock:
+                state["slots"] -= 1
+                if state["slots"] or state["next"] < len(keys) or state["finished"]:
+                    return False
+                state["finished"] = True
+                return True
+
+        def take_keys():
+            """Take keys while slots are free; True if this call ended the batch."""
+            while True:
+                with lock:
+                    if state["slots"] >= BATCH_LOADS or state["next"] >= len(keys):
+                        return False
+                    key = keys[state["next"]]
+                    state["next"] += 1
+                    state["slots"] += 1
+                answer = node.get(group, key)
+                if isinstance(answer, FUTURES):
+                    with lock:
+                        pending[key] = answer
+                    answer.add_done_callback(load_done)
+                    continue
+                with lock:
+                    if answer is NOT_FOUND:
+                        missing.append(key)
+                    else:
+                        values[key] = answer[0]
+                if give_back():
+                    return True
+
+        def answer_with(step):
+            try:
+                if step():
+                    result.set_result(self._batch_get_answer(values, pending, missing))
+            except BaseException as exc:              # a bug: the request gets a 500
+                if not result.done():
+                    result.set_exception(exc)
+
+        def load_done(_done):
+            answer_with(give_back)
+            fetcher = node.fetcher
+            if fetcher is not None and not fetcher.in_loop():   # the next keys on the loop,
+                fetcher.loop.call_soon_threadsafe(lambda: answer_with(take_keys))   # as GETs
             else:
-                values[key] = answer[0]
-        if not pending:
-            return self._batch_get_answer(values, {}, missing)
-        return then(all_done(list(pending.values())),
-                    lambda _done: self._batch_get_answer(values, pending, missing))
+                answer_with(take_keys)
+
+        if not keys or take_keys():
+            return self._batch_get_answer(values, pending, missing)
+        return result
 
     @staticmethod
     def _batch_get_answer(values, pending, missing):

@@ -9,6 +9,7 @@ tested in test_peer_fetch.py and the cluster tests."""
 
 import inspect
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -408,3 +409,50 @@ def test_a_cold_previous_owner_is_not_peeked_past_a_run_of_empty_peeks(make_cach
     real_peers.update([SELF, OTHER, third], previous=(OTHER,), previous_until=2e9)
     still_mine = [k for k in mine if real_peers.owner_url(k) == SELF]
     assert real_peers.previous_owner_of(still_mine[0]).url == OTHER  # a new view asks again
+
+
+def test_a_batch_of_cold_keys_loads_at_most_batch_loads_at_once(make_cache):
+    """POST /cache/g?op=get of 100 cold keys: the getter never runs for more than
+    BATCH_LOADS of them at once (the rest wait for a slot, not in the pool's queue), and
+    every key is answered once they are let through."""
+    import json
+    from shmcache.batch import unb64
+    from shmcache.http_batch import BATCH_LOADS
+    from shmcache.http_front import Front
+    from shmcache.http_messages import Request
+    lock, gate = threading.Lock(), threading.Semaphore(0)
+    running, peak = [0], [0]
+
+    def getter(key):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        assert gate.acquire(timeout=60)
+        with lock:
+            running[0] -= 1
+        return f"loaded:{key}".encode()
+    cache = make_cache(memory="32MiB", groups={"g": 8 << 20})
+    node = Node(cache._live_store(), [Group("g", 8 << 20, getter=getter)],
+                ThreadPoolExecutor(max_workers=3 * BATCH_LOADS))
+    try:
+        node.store.set("g", "warm", b"already here")
+        keys = ["warm"] + [f"cold-{i}" for i in range(100)]
+        body = json.dumps({"keys": keys}).encode()
+        answer = Front(node).handle(Request("POST", "/cache/g?op=get", "HTTP/1.1", {}, body,
+                                            True, None))
+        deadline = time.monotonic() + 60
+        while running[0] < BATCH_LOADS:                   # the first slots fill up
+            assert time.monotonic() < deadline, running
+            time.sleep(0.01)
+        assert not answer.done()
+        gate.release(len(keys))                           # let every load through
+        head, _, payload = answer.result(timeout=60).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        document = json.loads(payload)
+        assert peak[0] == BATCH_LOADS                    # never more at once
+        assert {key: unb64(value) for key, value in document["values"].items()} == \
+            {"warm": b"already here", **{k: f"loaded:{k}".encode() for k in keys[1:]}}
+        assert document["missing"] == [] and document["errors"] == {}
+    finally:
+        node.pool.shutdown(wait=True)
+        node.fanout.shutdown(wait=True)
