@@ -97,15 +97,20 @@ class BatchRoutes:
         answered at once, else a Promise of it) comes when every load is done.
 
         ``state`` is guarded by ``lock``; node.get and add_done_callback are called outside
-        it (a load that is done already runs its callback at once, in this thread). Each key
-        takes a slot when it is taken and gives it back when answered: at once for a hit,
-        when its load ends for a miss. Whoever gives back the last slot once every key is
-        taken (any thread: a load ends where it ends) sees ``finished`` unset, sets it under
-        the lock and answers; nobody else can, so the batch is answered exactly once."""
+        it. Each key takes a slot when it is taken and gives it back when answered: at once
+        for a hit, when its load ends for a miss. Whoever gives back the last slot once every
+        key is taken (any thread: a load ends where it ends) finds ``finished`` unset, sets
+        it under the lock and answers; nobody else can, so the batch is answered once.
+
+        One thread takes keys at a time (``pumping``), so a load that is done already, whose
+        callback runs at once inside the taking loop, does not recurse into it. The loop
+        decides to stop and clears ``pumping`` in one critical section, and a load that ends
+        gives its slot back before it asks to take keys: either the loop sees the free slot,
+        or the load finds ``pumping`` clear and takes the keys itself. No slot is left idle."""
         node = self.node
         values, pending, missing = {}, {}, []
         lock = threading.Lock()
-        state = {"next": 0, "slots": 0, "finished": False}
+        state = {"next": 0, "slots": 0, "pumping": False, "finished": False}
         result = Promise()
 
         def give_back():
@@ -118,27 +123,38 @@ class BatchRoutes:
                 return True
 
         def take_keys():
-            """Take keys while slots are free; True if this call ended the batch."""
-            while True:
-                with lock:
-                    if state["slots"] >= BATCH_LOADS or state["next"] >= len(keys):
-                        return False
-                    key = keys[state["next"]]
-                    state["next"] += 1
-                    state["slots"] += 1
-                answer = node.get(group, key)
-                if isinstance(answer, FUTURES):
+            """Take keys while slots are free (unless another thread is at it); True if a
+            hit answered here ended the batch."""
+            with lock:
+                if state["pumping"]:
+                    return False
+                state["pumping"] = True
+            ended = False
+            try:
+                while True:
                     with lock:
-                        pending[key] = answer
-                    answer.add_done_callback(load_done)
-                    continue
+                        if state["slots"] >= BATCH_LOADS or state["next"] >= len(keys):
+                            state["pumping"] = False
+                            return ended
+                        key = keys[state["next"]]
+                        state["next"] += 1
+                        state["slots"] += 1
+                    answer = node.get(group, key)
+                    if isinstance(answer, FUTURES):
+                        with lock:
+                            pending[key] = answer
+                        answer.add_done_callback(load_done)
+                        continue
+                    with lock:
+                        if answer is NOT_FOUND:
+                            missing.append(key)
+                        else:
+                            values[key] = answer[0]
+                    ended = give_back() or ended
+            except BaseException:
                 with lock:
-                    if answer is NOT_FOUND:
-                        missing.append(key)
-                    else:
-                        values[key] = answer[0]
-                if give_back():
-                    return True
+                    state["pumping"] = False
+                raise
 
         def answer_with(step):
             try:

@@ -456,3 +456,28 @@ def test_a_batch_of_cold_keys_loads_at_most_batch_loads_at_once(make_cache):
     finally:
         node.pool.shutdown(wait=True)
         node.fanout.shutdown(wait=True)
+
+
+def test_a_big_batch_of_cold_keys_with_a_quick_getter_answers_every_key(make_cache):
+    """The largest batch, 10,000 cold keys, with a getter that answers at once: loads end
+    while the batch is still taking keys, on the pool's threads; every key is answered."""
+    import json
+    from shmcache.batch import MAX_BATCH_KEYS
+    from shmcache.http_front import Front
+    from shmcache.http_messages import Request
+    cache = make_cache(memory="64MiB", groups={"g": 32 << 20})
+    node = Node(cache._live_store(), [Group("g", 32 << 20, getter=lambda key: key.encode())],
+                ThreadPoolExecutor(max_workers=64))
+    try:
+        keys = [f"quick-{i}" for i in range(MAX_BATCH_KEYS)]
+        body = json.dumps({"keys": keys}).encode()
+        answer = Front(node).handle(Request("POST", "/cache/g?op=get", "HTTP/1.1", {}, body,
+                                            True, None))
+        data = answer if isinstance(answer, bytes) else answer.result(timeout=120)
+        head, _, payload = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), data[:300]
+        document = json.loads(payload)
+        assert len(document["values"]) == len(keys) and document["errors"] == {}
+    finally:
+        node.pool.shutdown(wait=True)
+        node.fanout.shutdown(wait=True)
