@@ -468,11 +468,11 @@ def _parse_head(head):
     length, keep_alive = None, version != "HTTP/1.0"
     for line in lines[1:]:
         field, _, value = line.partition(":")
-        field = field.strip().lower()
-        if field == "content-length" and value.strip().isascii() and value.strip().isdigit():
+        field, value = field.strip().lower(), value.strip()
+        if field == "content-length" and value.isascii() and value.isdigit():
             length = int(value)
         elif field == "connection":
-            keep_alive = value.strip().lower() == "keep-alive"
+            keep_alive = value.lower() == "keep-alive"
     if length is None:
         raise PeerUnavailable("the front's answer has no Content-Length")
     return int(status), length, keep_alive

@@ -265,12 +265,7 @@ class PeerHealth:
         return _UNTIL.unpack_from(self.buf, offset + _UNTIL_OFF)[0] if offset is not None else 0.0
 
     def is_suspect(self, url, now=None):
-        offset = self._slots.get(url)           # asked once per fetch: the cache inline
-        if offset is None:
-            offset = self._find(url, create=False)
-            if offset is None:
-                return False
-        return _UNTIL.unpack_from(self.buf, offset + _UNTIL_OFF)[0] > (now or time.time())
+        return self.suspect_until(url) > (now or time.time())
 
     def failed(self, url, reason):
         """Count a failure; the peer is skipped for a backoff that doubles each time."""
